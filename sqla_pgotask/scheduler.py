@@ -1,0 +1,278 @@
+"""The Scheduler: where handlers are registered and workers are started.
+
+::
+
+    from sqlalchemy.orm import sessionmaker
+    from sqla_pgotask import Scheduler, Task
+
+    Session = sessionmaker(create_engine("postgresql+psycopg:///app"))
+    scheduler = Scheduler(Session)
+
+    @scheduler.handler("send_email", max_attempts=10)
+    def send_email(session, task):
+        session.add(SentEmail(to=task.payload["to"]))  # commits with the task
+
+    # elsewhere, in the application's own transaction:
+    with Session.begin() as session:
+        session.add(Task(kind="send_email", payload={"to": "a@example.com"}))
+
+    scheduler.run(concurrency=4)  # blocks until scheduler.stop()
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_pgotask._claim import claim_tasks, release_tasks
+from sqla_pgotask._execute import TaskRunner
+from sqla_pgotask._listener import require_psycopg
+from sqla_pgotask.errors import ConfigurationError, UnknownKindError
+from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
+from sqla_pgotask.models import Task
+from sqla_pgotask.retry import RetrySpec
+from sqla_pgotask.schema import check_schema
+from sqla_pgotask.worker import Worker, WorkerSettings, WorkerStats, new_worker_id
+
+
+class Scheduler:
+    """Handlers by task kind, and the workers that run them.
+
+    ``session_factory`` is the application's ``sessionmaker``: every handler
+    runs in one of its Sessions, and the worker's own statements go through
+    the same engine.
+    """
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        *,
+        concurrency: int = 4,
+        queues: Sequence[str] | None = None,
+        poll_interval: float = 1.0,
+        lease_seconds: float = 300.0,
+    ) -> None:
+        if not isinstance(session_factory, sessionmaker):
+            raise ConfigurationError(
+                "Scheduler needs the application's sessionmaker, "
+                f"not {type(session_factory).__name__}"
+            )
+        self.session_factory = session_factory
+        self.settings = _settings(concurrency, queues, poll_interval, lease_seconds)
+        self._handlers: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+        self._worker: Worker | None = None
+        self._starting = False
+        self._stop_requested = False
+        self._schema_checked = False
+
+    # -- handlers -----------------------------------------------------------
+
+    def handler(
+        self,
+        kind: str,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry: RetrySpec = None,
+        queue: str = "default",
+        non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
+    ) -> Callable[[HandlerFunc], Handler]:
+        """Register the decorated ``def fn(session, task)`` as the handler of ``kind``.
+
+        ``max_attempts``: attempts before the task ends ``failed`` (a task's own
+        ``max_attempts`` overrides it).  ``retry``: backoff between attempts
+        (see :mod:`sqla_pgotask.retry`).  ``queue``: the queue of tasks made
+        with :meth:`Handler.task`.  ``non_retryable``: exception types that
+        fail the task at once.
+        """
+
+        def register(func: HandlerFunc) -> Handler:
+            handler = make_handler(
+                kind,
+                func,
+                max_attempts=max_attempts,
+                retry=retry,
+                queue=queue,
+                non_retryable=non_retryable,
+            )
+            with self._lock:
+                if kind in self._handlers:
+                    raise ConfigurationError(f"a handler for kind {kind!r} is already registered")
+                self._handlers[kind] = handler
+            return handler
+
+        return register
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]:
+        """The registered handlers by kind (read-only)."""
+        return MappingProxyType(self._handlers)
+
+    def task(self, kind: str, payload: Any = None, **options: Any) -> Task:
+        """A new ``Task`` of a registered ``kind``; unknown kinds raise :class:`UnknownKindError`.
+
+        ``options`` are those of :meth:`Handler.task` (``queue``, ``priority``,
+        ``run_at``, ``max_attempts``, ``dedup_key``).
+        """
+        try:
+            handler = self._handlers[kind]
+        except KeyError:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise UnknownKindError(
+                f"no handler is registered for task kind {kind!r} (registered: {known})"
+            ) from None
+        return handler.task(payload, **options)
+
+    # -- running ------------------------------------------------------------
+
+    def check_schema(self) -> None:
+        """Raise :class:`~sqla_pgotask.SchemaError` unless the database schema is current."""
+        check_schema(self.session_factory)
+        self._schema_checked = True
+
+    def run(
+        self,
+        *,
+        concurrency: int | None = None,
+        queues: Sequence[str] | None = None,
+        poll_interval: float | None = None,
+    ) -> WorkerStats:
+        """Run a worker in this thread until :meth:`stop` is called; return what it did.
+
+        The library installs no signal handlers: call :meth:`stop` from one of
+        yours (the ``pgotask worker`` command does) or from another thread.
+        """
+        settings = _settings(
+            concurrency if concurrency is not None else self.settings.concurrency,
+            queues if queues is not None else self.settings.queues,
+            poll_interval if poll_interval is not None else self.settings.poll_interval,
+            self.settings.lease_seconds,
+        )
+        self._require_handlers()
+        with self._lock:
+            if self._starting or self._worker is not None:
+                raise ConfigurationError("this scheduler is already running a worker")
+            self._starting = True
+            self._stop_requested = False
+        try:
+            self.check_schema()
+            worker = Worker(
+                self.session_factory, self._engine(), self._handlers, settings, new_worker_id()
+            )
+            with self._lock:
+                self._worker = worker
+                if self._stop_requested:  # stop() came while we were starting
+                    worker.stop()
+        finally:
+            with self._lock:
+                self._starting = False
+        try:
+            worker.run()
+        finally:
+            with self._lock:
+                self._worker = None
+        return worker.stats
+
+    def stop(self) -> None:
+        """Stop the running worker: no new claims; in-flight tasks finish; ``run()`` returns.
+
+        Called while :meth:`run` is still starting, it makes ``run()`` return as
+        soon as it has started; called when nothing runs, it does nothing.
+        """
+        with self._lock:
+            worker = self._worker
+            if worker is None and self._starting:
+                self._stop_requested = True
+        if worker is not None:
+            worker.stop()
+
+    @property
+    def running_worker(self) -> Worker | None:
+        """The worker :meth:`run` is running, if any."""
+        return self._worker
+
+    def run_until_idle(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        max_tasks: int | None = None,
+        batch_size: int = 10,
+    ) -> int:
+        """Run due tasks in this thread until none is left; return how many attempts ran.
+
+        A task that fails and is retried later is counted once per attempt run
+        here; its retry is not waited for.  For tests, scripts and cron jobs.
+        """
+        self._require_handlers()
+        if not self._schema_checked:
+            self.check_schema()
+        served = queues if queues is not None else self.settings.queues
+        worker_id = new_worker_id()
+        runner = TaskRunner(self.session_factory, self._handlers, worker_id)
+        count = 0
+        try:
+            while max_tasks is None or count < max_tasks:
+                limit = batch_size if max_tasks is None else min(batch_size, max_tasks - count)
+                tasks = claim_tasks(
+                    self.session_factory,
+                    worker_id=worker_id,
+                    kinds=sorted(self._handlers),
+                    queues=served,
+                    limit=limit,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+                if not tasks:
+                    break
+                for n, task in enumerate(tasks):
+                    try:
+                        runner.run(task)
+                    except BaseException:
+                        # Interrupted (Ctrl-C, a database failure): give the rest back.
+                        release_tasks(self.session_factory, tasks[n + 1 :])
+                        raise
+                    count += 1
+        finally:
+            runner.close()
+        return count
+
+    def _require_handlers(self) -> None:
+        if not self._handlers:
+            raise ConfigurationError("no handlers are registered on this scheduler")
+
+    def _engine(self) -> Engine:
+        with self.session_factory() as session:
+            bind = session.get_bind(mapper=Task.__mapper__)
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        require_psycopg(engine)
+        return engine
+
+
+def _settings(
+    concurrency: int,
+    queues: Sequence[str] | None,
+    poll_interval: float,
+    lease_seconds: float,
+) -> WorkerSettings:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
+    if queues is not None:
+        if isinstance(queues, str):
+            raise ConfigurationError("queues must be a list of queue names, not a string")
+        queues = tuple(queues)
+        if not queues or not all(isinstance(q, str) and q for q in queues):
+            raise ConfigurationError(f"queues must be non-empty queue names, not {queues!r}")
+    if poll_interval <= 0:
+        raise ConfigurationError(f"poll_interval must be > 0, not {poll_interval!r}")
+    if lease_seconds <= 0:
+        raise ConfigurationError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+    return WorkerSettings(
+        concurrency=concurrency,
+        queues=queues,
+        poll_interval=float(poll_interval),
+        lease_seconds=float(lease_seconds),
+    )

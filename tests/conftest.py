@@ -1,0 +1,145 @@
+"""Database fixtures: a real PostgreSQL, never a mock.
+
+The server is the one named by ``PGOTASK_TEST_DATABASE_URL`` (any database
+on it; the suite creates and drops its own), or else an embedded server
+started for the session.  Two tiers:
+
+* ``session`` / ``orm_engine``: one migrated database shared by the run, each
+  test inside a transaction that is rolled back (the SQLAlchemy "join a
+  Session into an external transaction" recipe);
+* ``database_url`` / ``engine`` / ``session_factory``: a fresh database per
+  test, copied from a migrated template, for tests that commit, use several
+  connections, LISTEN, or run worker processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_pgotask.migrate import upgrade
+
+URL_ENV = "PGOTASK_TEST_DATABASE_URL"
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A URL of the PostgreSQL server the tests use (its ``postgres`` database)."""
+    url = os.environ.get(URL_ENV)
+    if url:
+        yield url
+        return
+    from sqla_pgotask.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres() as server:
+        yield server.url
+
+
+def url_for(server_url: str, database: str) -> str:
+    """``server_url`` pointing at another database."""
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def _admin(server_url: str) -> Engine:
+    return create_engine(server_url, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    """Create database ``name`` (dropping a leftover of that name) and return its URL."""
+    admin = _admin(server_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            suffix = f' TEMPLATE "{template}"' if template else ""
+            conn.execute(text(f'CREATE DATABASE "{name}"{suffix}'))
+    finally:
+        admin.dispose()
+    return url_for(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name``, disconnecting whoever is still connected."""
+    admin = _admin(server_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """Name of a migrated database that per-test databases are copied from."""
+    name = f"pgotask_tpl_{os.getpid()}"
+    url = create_database(server_url, name)
+    upgrade(url)
+    yield name
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """URL of a fresh, migrated database for this test alone."""
+    name = f"pgotask_t_{os.getpid()}_{next(_counter)}"
+    url = create_database(server_url, name, template=template_database)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_database_url(server_url: str) -> Iterator[str]:
+    """URL of a fresh database without the library's tables."""
+    name = f"pgotask_e_{os.getpid()}_{next(_counter)}"
+    url = create_database(server_url, name)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on this test's own database."""
+    eng = create_engine(database_url, pool_size=10, max_overflow=10)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """The application's sessionmaker, on this test's own database."""
+    return sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+def orm_engine(server_url: str) -> Iterator[Engine]:
+    """An engine on a migrated database shared by the rolled-back tests."""
+    name = f"pgotask_orm_{os.getpid()}"
+    url = create_database(server_url, name)
+    upgrade(url)
+    eng = create_engine(url)
+    yield eng
+    eng.dispose()
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def session(orm_engine: Engine) -> Iterator[Session]:
+    """A Session inside a transaction that is rolled back after the test.
+
+    The test may call ``commit()``: it releases a savepoint, not the outer
+    transaction.
+    """
+    with orm_engine.connect() as conn:
+        outer = conn.begin()
+        sess = Session(bind=conn, join_transaction_mode="create_savepoint")
+        try:
+            yield sess
+        finally:
+            sess.close()
+            outer.rollback()

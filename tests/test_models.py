@@ -1,0 +1,204 @@
+"""The models: defaults, plain-SQL inserts, payload checks, indexes, flushing with app models."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+
+import pytest
+from sqlalchemy import BigInteger, ForeignKey, MetaData, String, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from sqla_pgotask import InvalidPayloadError, Task, TaskError, TaskStatus
+
+
+class AppBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Invoice(AppBase):
+    """An application's own model with a foreign key to the library's table."""
+
+    __tablename__ = "app_invoice"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    number: Mapped[str] = mapped_column(String(20))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey(Task.id))
+    task: Mapped[Task | None] = relationship(Task)  # the class, not a string: another registry
+
+
+@pytest.fixture
+def invoice_table(session: Session) -> None:
+    AppBase.metadata.create_all(session.connection())
+
+
+def test_defaults_come_from_the_database(session: Session) -> None:
+    task = Task(kind="send_email")
+    session.add(task)
+    session.flush()
+    session.refresh(task)
+    now = session.scalar(select(func.now()))
+    assert task.queue == "default"
+    assert task.payload == {}
+    assert task.status is TaskStatus.PENDING
+    assert task.priority == 0
+    assert task.attempts == 0
+    assert task.max_attempts is None
+    assert task.run_at == now
+    assert task.created_at == now
+    assert task.run_at.tzinfo is not None
+    assert task.started_at is None and task.finished_at is None
+    assert task.locked_by is None and task.lease_expires_at is None
+    assert task.result is None
+
+
+def test_plain_sql_insert_of_kind_alone_is_a_valid_task(session: Session) -> None:
+    session.execute(text("INSERT INTO pgotask_task (kind) VALUES ('report')"))
+    session.execute(
+        text("""INSERT INTO pgotask_task (kind, payload) VALUES ('send_email', '{"to": 1}')""")
+    )
+    tasks = session.scalars(select(Task).order_by(Task.id)).all()
+    assert [(t.kind, t.payload, t.status, t.queue) for t in tasks] == [
+        ("report", {}, TaskStatus.PENDING, "default"),
+        ("send_email", {"to": 1}, TaskStatus.PENDING, "default"),
+    ]
+
+
+def test_all_options(session: Session) -> None:
+    when = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    task = Task(
+        kind="k",
+        payload=[1, "two", {"three": None}],
+        queue="emails",
+        priority=7,
+        run_at=when,
+        max_attempts=3,
+        dedup_key="user-1",
+    )
+    session.add(task)
+    session.flush()
+    session.expire_all()
+    loaded = session.get(Task, task.id)
+    assert loaded is not None
+    assert loaded.payload == [1, "two", {"three": None}]
+    assert (loaded.queue, loaded.priority, loaded.run_at, loaded.max_attempts) == (
+        "emails",
+        7,
+        when,
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"when": dt.datetime(2020, 1, 1)},
+        {"amount": decimal.Decimal("1.5")},
+        {1: object()},
+        float("nan"),
+    ],
+)
+def test_non_json_payload_fails_at_flush_naming_the_kind(session: Session, payload: object) -> None:
+    session.add(Task(kind="charge_card", payload=payload))
+    with pytest.raises(
+        InvalidPayloadError, match=r"Task\(kind='charge_card'\): payload is not JSON"
+    ):
+        session.flush()
+
+
+def test_payload_mutated_to_non_json_fails_at_update(session: Session) -> None:
+    task = Task(kind="k", payload={"a": 1})
+    session.add(task)
+    session.flush()
+    task.payload = {"a": {1, 2}}
+    with pytest.raises(InvalidPayloadError, match="kind='k'"):
+        session.flush()
+
+
+def test_status_outside_the_enum_is_refused_by_the_database(session: Session) -> None:
+    with pytest.raises(IntegrityError, match="ck_pgotask_task_status"):
+        session.execute(text("INSERT INTO pgotask_task (kind, status) VALUES ('k', 'bogus')"))
+
+
+def test_max_attempts_must_be_positive(session: Session) -> None:
+    session.add(Task(kind="k", max_attempts=0))
+    with pytest.raises(IntegrityError, match="max_attempts_positive"):
+        session.flush()
+
+
+def test_dedup_key_unique_while_pending_or_running(session: Session) -> None:
+    session.add(Task(kind="k", dedup_key="d"))
+    session.add(Task(kind="other", dedup_key="d"))  # another kind: fine
+    session.flush()
+    with session.begin_nested():
+        session.add(Task(kind="k", dedup_key="d"))
+        with pytest.raises(IntegrityError, match="uq_pgotask_task_dedup"):
+            session.flush()
+    # Once finished, the key is free again.
+    session.execute(text("UPDATE pgotask_task SET status = 'succeeded' WHERE kind = 'k'"))
+    session.add(Task(kind="k", dedup_key="d"))
+    session.flush()
+
+
+def test_claim_query_uses_the_partial_index(session: Session) -> None:
+    session.execute(
+        text(
+            "INSERT INTO pgotask_task (kind, status) "
+            "SELECT 'k', CASE WHEN g % 50 = 0 THEN 'pending' ELSE 'succeeded' END "
+            "FROM generate_series(1, 5000) g"
+        )
+    )
+    session.execute(text("ANALYZE pgotask_task"))
+    plan = "\n".join(
+        session.scalars(
+            text(
+                "EXPLAIN SELECT id FROM pgotask_task WHERE status = 'pending' "
+                "AND run_at <= now() AND kind = ANY('{k}') "
+                "ORDER BY priority DESC, run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED"
+            )
+        )
+    )
+    assert "ix_pgotask_task_claim" in plan, plan
+
+
+def test_rollback_leaves_no_task(session: Session) -> None:
+    with session.begin_nested() as savepoint:
+        session.add(Task(kind="k"))
+        session.flush()
+        savepoint.rollback()
+    assert session.scalar(select(func.count()).select_from(Task)) == 0
+
+
+def test_app_model_with_foreign_key_flushes_in_one_session(
+    session: Session, invoice_table: None
+) -> None:
+    task = Task(kind="email_invoice", payload={"n": "A-1"})
+    invoice = Invoice(id=1, number="A-1", task=task)
+    session.add(invoice)  # the task is flushed first, through the relationship
+    session.flush()
+    assert invoice.task_id == task.id
+    # and with an explicit id, the unit of work still orders the inserts
+    task2 = Task(kind="email_invoice")
+    session.add_all([Invoice(id=2, number="A-2", task=task2), task2])
+    session.flush()
+    assert session.scalar(select(Invoice.task_id).where(Invoice.id == 2)) == task2.id
+
+
+def test_errors_relationship_ordered_and_cascaded(session: Session) -> None:
+    task = Task(kind="k")
+    session.add(task)
+    session.flush()
+    for attempt in (2, 1):
+        session.add(TaskError(task_id=task.id, attempt=attempt, exception_type="ValueError"))
+    session.flush()
+    session.expire_all()
+    assert [e.attempt for e in task.errors] == [1, 2]
+    assert task.errors[0].task is task
+    session.execute(text("DELETE FROM pgotask_task WHERE id = :id"), {"id": task.id})
+    assert session.scalar(select(func.count()).select_from(TaskError)) == 0
+
+
+def test_repr() -> None:
+    assert "kind='k'" in repr(Task(kind="k"))
+    assert str(TaskStatus.PENDING) == "pending"
