@@ -6,23 +6,29 @@ Session of the application's ``sessionmaker``, and the handler's writes commit
 together with the task's completion, or not at all.
 """
 
+from sqla_pgotask.context import AttemptContext, current_attempt
 from sqla_pgotask.errors import (
+    ClaimLostError,
     ConfigurationError,
     HandlerTransactionError,
     InvalidPayloadError,
     NonRetryableError,
     PgotaskError,
     SchemaError,
+    TaskCancelledError,
+    TaskTimeoutError,
     UnknownKindError,
 )
 from sqla_pgotask.handlers import Handler
-from sqla_pgotask.models import Base, Task, TaskError, TaskStatus
+from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
 from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker import WorkerStats
 
 __all__ = [
+    "AttemptContext",
     "Base",
+    "ClaimLostError",
     "ConfigurationError",
     "ConstantBackoff",
     "ExponentialBackoff",
@@ -31,14 +37,18 @@ __all__ = [
     "InvalidPayloadError",
     "NonRetryableError",
     "PgotaskError",
+    "RegisteredWorker",
     "RetryStrategy",
     "Scheduler",
     "SchemaError",
     "Task",
+    "TaskCancelledError",
     "TaskError",
     "TaskStatus",
+    "TaskTimeoutError",
     "UnknownKindError",
     "WorkerStats",
+    "current_attempt",
 ]
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,20 +15,24 @@ def claim_tasks(
     session_factory: sessionmaker[Session],
     *,
     worker_id: str,
-    kinds: Sequence[str],
+    kinds: Mapping[str, int],
     queues: Sequence[str] | None,
     limit: int,
     lease_seconds: float,
 ) -> list[Task]:
     """Mark up to ``limit`` due tasks running for ``worker_id`` and return them, detached.
 
-    The tasks come back in claim order (priority, then ``run_at``), loaded and
-    detached, ready to be added to the Session that runs their handler.
+    ``kinds`` maps each kind the worker handles to its handler's
+    ``max_attempts``, which a task without one of its own takes at its first
+    claim.  The tasks come back in claim order (priority, then ``run_at``),
+    loaded and detached, ready to be added to the Session that runs their
+    handler.
     """
     if limit <= 0 or not kinds:
         return []
     params: dict[str, object] = {
         "kinds": list(kinds),
+        "max_attempts": list(kinds.values()),
         "limit": limit,
         "worker": worker_id,
         "lease_seconds": float(lease_seconds),

@@ -10,11 +10,12 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._queries import query
-from sqla_pgotask.errors import HandlerTransactionError
+from sqla_pgotask.context import AttemptContext, reset_current, set_current
+from sqla_pgotask.errors import HandlerTransactionError, TaskCancelledError, TaskTimeoutError
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Task, TaskStatus
 
@@ -23,6 +24,14 @@ logger = logging.getLogger("sqla_pgotask.worker")
 _IN_HANDLER = "sqla_pgotask.in_handler"
 _MAX_MESSAGE = 10_000
 _MAX_TRACEBACK = 100_000
+# Bounds the handler's SQL on the server: each statement, and time spent idle
+# inside the transaction (a handler stuck in Python holding locks).
+_SET_TIMEOUTS = text(
+    "SELECT set_config('statement_timeout', :statement, true), "
+    "set_config('idle_in_transaction_session_timeout', :idle, true)"
+)
+# How much longer than the handler's timeout the server lets its transaction idle.
+IDLE_TIMEOUT_MARGIN = 5.0
 
 
 class Outcome(str, enum.Enum):
@@ -31,6 +40,7 @@ class Outcome(str, enum.Enum):
     SUCCEEDED = "succeeded"
     RETRY = "retry"
     FAILED = "failed"
+    CANCELLED = "cancelled"
     #: The claim was lost (the task is no longer ours): nothing was written.
     LOST = "lost"
 
@@ -65,51 +75,63 @@ class TaskRunner:
         """Close the Session."""
         self.session.close()
 
-    def run(self, task: Task) -> Outcome:
-        """Run ``task``'s handler and record the outcome; never raises for handler errors."""
+    def run(self, task: Task, ctx: AttemptContext | None = None) -> Outcome:
+        """Run ``task``'s handler and record the outcome; never raises for handler errors.
+
+        Raises only if the database fails while the outcome is recorded; the
+        task then stays claimed until its lease expires.
+        """
         handler = self.handlers[task.kind]
+        if ctx is None:
+            ctx = new_context(task, handler)
+        ctx.begin()
         task_id, attempt, kind = task.id, task.attempts, task.kind
         max_attempts = task.max_attempts or handler.max_attempts
         session = self.session
-        log_extra = {"task_id": task_id, "kind": kind, "attempt": attempt}
-        started = time.monotonic()
+        token = set_current(ctx)
         try:
             try:
-                outcome = self._run_handler(session, handler, task)
+                outcome = self._run_handler(session, handler, task, ctx)
             except Exception as exc:
-                session.rollback()
-                outcome = self._record_failure(
-                    session, handler, task_id, attempt, max_attempts, exc
-                )
-                log_extra["duration"] = time.monotonic() - started
-                logger.warning(
-                    "task %s (%s) attempt %s failed: %s: %s -> %s",
-                    task_id,
-                    kind,
-                    attempt,
-                    type(exc).__name__,
-                    exc,
-                    outcome.value,
-                    extra=log_extra,
-                )
-                return outcome
+                _rollback(session)
+                outcome = self._after_exception(session, handler, ctx, max_attempts, exc)
         finally:
+            reset_current(token)
             session.close()
-        log_extra["duration"] = time.monotonic() - started
+        duration = time.monotonic() - (ctx.started or 0.0)
+        extra = {"task_id": task_id, "kind": kind, "attempt": attempt, "duration": duration}
         if outcome is Outcome.LOST:
             logger.warning(
                 "task %s (%s) attempt %s: claim lost, its writes were rolled back",
                 task_id,
                 kind,
                 attempt,
-                extra=log_extra,
+                extra=extra,
             )
         elif logger.isEnabledFor(logging.INFO):
-            logger.info("task %s (%s) succeeded", task_id, kind, extra=log_extra)
+            logger.info(
+                "task %s (%s) attempt %s: %s in %.3fs",
+                task_id,
+                kind,
+                attempt,
+                outcome.value,
+                duration,
+                extra=extra,
+            )
         return outcome
 
-    def _run_handler(self, session: Session, handler: Handler, task: Task) -> Outcome:
+    def _run_handler(
+        self, session: Session, handler: Handler, task: Task, ctx: AttemptContext
+    ) -> Outcome:
         root = session.begin()
+        if handler.timeout is not None:
+            session.execute(
+                _SET_TIMEOUTS,
+                {
+                    "statement": f"{int(handler.timeout * 1000)}ms",
+                    "idle": f"{int((handler.timeout + IDLE_TIMEOUT_MARGIN) * 1000)}ms",
+                },
+            )
         session.add(task)
         session.info[_IN_HANDLER] = True
         try:
@@ -122,33 +144,70 @@ class TaskRunner:
                 "the handler ended the task's transaction (session.rollback() or "
                 "session.close()); raise an exception to fail the task instead"
             )
+        ctx.check()  # cancelled, timed out or lost while the handler ran: do not commit
         completed = session.execute(
             query("complete"),
             {"id": task.id, "attempt": task.attempts, "result": _result_json(result)},
         )
-        if completed.rowcount != 1:  # type: ignore[attr-defined]
-            root.rollback()
+        if completed.rowcount == 1:  # type: ignore[attr-defined]
+            root.commit()
+            return Outcome.SUCCEEDED
+        # The fence did not hold: the task was taken over, or cancellation was
+        # requested after the last check.
+        root.rollback()
+        return self._finish_cancelled(session, ctx)
+
+    def _after_exception(
+        self,
+        session: Session,
+        handler: Handler,
+        ctx: AttemptContext,
+        max_attempts: int,
+        exc: Exception,
+    ) -> Outcome:
+        if ctx.lost:
             return Outcome.LOST
-        root.commit()
-        return Outcome.SUCCEEDED
+        if isinstance(exc, TaskCancelledError) or ctx.cancel_requested:
+            return self._finish_cancelled(session, ctx)
+        if ctx.timed_out and not isinstance(exc, TaskTimeoutError):
+            timeout = TaskTimeoutError(ctx.timeout_message())
+            timeout.__cause__ = exc
+            exc = timeout
+        return self._record_failure(session, handler, ctx, max_attempts, exc)
+
+    def _finish_cancelled(self, session: Session, ctx: AttemptContext) -> Outcome:
+        with session.begin():
+            done = session.execute(
+                query("finish_cancelled"), {"id": ctx.task_id, "attempt": ctx.attempt}
+            )
+        return Outcome.CANCELLED if done.rowcount == 1 else Outcome.LOST  # type: ignore[attr-defined]
 
     def _record_failure(
         self,
         session: Session,
         handler: Handler,
-        task_id: int,
-        attempt: int,
+        ctx: AttemptContext,
         max_attempts: int,
         exc: Exception,
     ) -> Outcome:
+        attempt = ctx.attempt
         final = attempt >= max_attempts or not handler.retryable(exc)
         status = TaskStatus.FAILED if final else TaskStatus.PENDING
         delay = 0.0 if final else handler.retry.delay(attempt)
+        logger.warning(
+            "task %s (%s) attempt %s failed: %s: %s",
+            ctx.task_id,
+            ctx.kind,
+            attempt,
+            type(exc).__name__,
+            exc,
+            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": attempt},
+        )
         with session.begin():
             recorded = session.execute(
                 query("fail"),
                 {
-                    "id": task_id,
+                    "id": ctx.task_id,
                     "attempt": attempt,
                     "status": status.value,
                     "delay": float(delay),
@@ -161,6 +220,24 @@ class TaskRunner:
             if recorded.rowcount != 1:  # type: ignore[attr-defined]
                 return Outcome.LOST
         return Outcome.FAILED if final else Outcome.RETRY
+
+
+def new_context(task: Task, handler: Handler) -> AttemptContext:
+    """The context of the attempt about to run ``task``."""
+    return AttemptContext(
+        task_id=task.id, kind=task.kind, attempt=task.attempts, timeout=handler.timeout
+    )
+
+
+def _rollback(session: Session) -> None:
+    # The server may have closed the connection (idle-in-transaction timeout,
+    # restart): rolling back then fails, and closing the Session lets the pool
+    # drop the connection so the outcome is recorded on a fresh one.
+    try:
+        session.rollback()
+    except Exception:
+        logger.debug("rollback failed; discarding the connection", exc_info=True)
+        session.close()
 
 
 def _qualified_name(cls: type[BaseException]) -> str:

@@ -1,50 +1,30 @@
-"""Wake-ups: a LISTEN connection that sets an event when tasks are inserted."""
+"""Wake-ups: a LISTEN connection that turns notifications into events for the worker."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
-import psycopg
 from sqlalchemy import Engine
 
-from sqla_pgotask.errors import ConfigurationError
+from sqla_pgotask._connections import Connection, dedicated_connection
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
-#: The channel the insert trigger notifies, with the task's queue as payload.
+#: Notified by the insert trigger, with the new task's queue as payload.
 CHANNEL = "pgotask"
-
-
-def listen_connection(engine: Engine) -> psycopg.Connection[tuple[object, ...]]:
-    """A connection of its own, made the way the engine makes them, in autocommit."""
-    require_psycopg(engine)
-    pooled = engine.raw_connection()
-    conn = pooled.driver_connection
-    # Take it out of the pool for good: it is held open for as long as the worker runs.
-    pooled.detach()
-    assert isinstance(conn, psycopg.Connection)
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        conn.rollback()
-    conn.autocommit = True
-    return conn
-
-
-def require_psycopg(engine: Engine) -> None:
-    """Raise :class:`ConfigurationError` unless ``engine`` uses the psycopg 3 driver."""
-    if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
-        raise ConfigurationError(
-            "sqla_pgotask needs PostgreSQL through the psycopg 3 driver (a "
-            f"'postgresql+psycopg://' URL), not {engine.dialect.name}+{engine.dialect.driver}"
-        )
+#: Notified when cancellation of a running task is requested, with its id.
+CANCEL_CHANNEL = "pgotask_cancel"
 
 
 class Listener:
-    """Runs ``LISTEN`` in a thread; ``wake`` is set when a task arrives in a served queue.
+    """Runs ``LISTEN`` in a thread.
 
-    The worker polls anyway, so a lost connection only delays wake-ups: the
-    thread reconnects with backoff and sets ``wake`` once it is back, since a
+    ``wake`` is set when a task arrives in a served queue; ``on_cancel(id)`` is
+    called when cancellation of a running task is requested.  The worker polls
+    and heart-beats anyway, so a lost connection only delays these: the thread
+    reconnects with backoff and sets ``wake`` once it is back, since a
     notification may have been missed meanwhile.
     """
 
@@ -53,12 +33,14 @@ class Listener:
         engine: Engine,
         wake: threading.Event,
         queues: Collection[str] | None,
+        on_cancel: Callable[[int], None] | None = None,
         *,
         check_interval: float = 0.5,
     ) -> None:
         self._engine = engine
         self._wake = wake
         self._queues = frozenset(queues) if queues is not None else None
+        self._on_cancel = on_cancel
         self._check_interval = check_interval
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -72,6 +54,11 @@ class Listener:
         """Wait until ``LISTEN`` is in effect (for tests and start-up)."""
         return self._connected.wait(timeout)
 
+    @property
+    def connected(self) -> bool:
+        """Whether ``LISTEN`` is in effect now."""
+        return self._connected.is_set()
+
     def stop(self) -> None:
         """Stop the thread and close the connection."""
         self._stopping.set()
@@ -82,8 +69,10 @@ class Listener:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                with listen_connection(self._engine) as conn:
+                with dedicated_connection(self._engine) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if self._on_cancel is not None:
+                        conn.execute(f"LISTEN {CANCEL_CHANNEL}")
                     self._connected.set()
                     self._wake.set()  # anything inserted while we were not listening
                     backoff = 0.1
@@ -97,9 +86,15 @@ class Listener:
                 backoff = min(backoff * 2, 5.0)
         self._connected.clear()
 
-    def _listen(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    def _listen(self, conn: Connection) -> None:
         queues = self._queues
         while not self._stopping.is_set():
             for notify in conn.notifies(timeout=self._check_interval):
-                if queues is None or notify.payload in queues:
-                    self._wake.set()
+                if notify.channel == CHANNEL:
+                    if queues is None or notify.payload in queues:
+                        self._wake.set()
+                elif self._on_cancel is not None:
+                    try:
+                        self._on_cancel(int(notify.payload))
+                    except ValueError:
+                        logger.warning("ignored %s payload %r", CANCEL_CHANNEL, notify.payload)

@@ -15,8 +15,15 @@ installed ones (e.g. a virtualenv under ``/root``).
 
 On Linux the server is tied to the process that started it: if that process
 dies, even by ``kill -9``, the kernel makes the server shut down. (Strictly,
-to the *thread* that called ``start()``: call it from the main thread or
-another long-lived one.)
+to the *thread* that called ``start()``, or ``start_server()``/``restart()``
+for a restarted server: call them from the main thread or another long-lived
+one.)
+
+For fault-injection tests the server can be stopped and started again on the
+same port and data directory, keeping its data: ``restart()``, or
+``stop_server()`` then ``start_server()``. Clients keep using the same
+:attr:`~EmbeddedPostgres.url`; their open connections are broken by the
+restart.
 
 Example::
 
@@ -53,9 +60,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Literal
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError"]
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "ShutdownMode"]
+
+#: PostgreSQL shutdown modes, see :meth:`EmbeddedPostgres.stop_server`.
+ShutdownMode = Literal["fast", "immediate", "smart"]
 
 _DIR_PREFIX = "sqla-pgotask-pg-"
 _OWNER_FILE = "owner"
@@ -63,6 +73,8 @@ _LOG_FILE = "server.log"
 _INITDB_LOG_FILE = "initdb.log"
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
+# An immediate shutdown SIGKILLs the postmaster's children after 5 s itself.
+_IMMEDIATE_STOP_TIMEOUT = 10.0
 _PORT_ATTEMPTS = 5
 _UNPRIVILEGED_USER = "nobody"
 _IS_LINUX = sys.platform.startswith("linux")
@@ -75,6 +87,13 @@ _PR_SET_PDEATHSIG = 1
 # immediate shutdown: it stops its children and removes postmaster.pid.
 _DEATHSIG_SERVER: int = getattr(signal, "SIGQUIT", 0)
 _DEATHSIG_TOOL: int = getattr(signal, "SIGKILL", 0)
+# Signals asking the postmaster for each shutdown mode (see "Shutting Down the
+# Server" in the PostgreSQL manual).
+_SHUTDOWN_SIGNALS: dict[str, int] = {
+    "smart": getattr(signal, "SIGTERM", 0),
+    "fast": getattr(signal, "SIGINT", 0),
+    "immediate": getattr(signal, "SIGQUIT", 0),
+}
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -374,6 +393,30 @@ def _free_port() -> int:
         return port
 
 
+def _reserve_port(port: int) -> socket.socket | None:
+    """Hold ``port`` of 127.0.0.1 with a bound, *non-listening* socket.
+
+    Both this socket and the postmaster's use SO_REUSEADDR and this one never
+    listens, so Linux lets the postmaster bind and listen on the port next to
+    it, again after each restart; meanwhile the port stays out of the pool of
+    ephemeral ports (``bind(("", 0))``, outgoing connections) and other
+    programs binding it without SO_REUSEADDR get EADDRINUSE. Connections to it
+    while the server is down are refused, as usual. Returns None when the port
+    cannot be held (taken, or not a POSIX system, where SO_REUSEADDR means
+    something else): then it is simply not reserved.
+    """
+    if os.name != "posix":  # pragma: no cover
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -441,6 +484,11 @@ class EmbeddedPostgres:
 
     The ``postgres`` superuser needs no password; :attr:`url` is a SQLAlchemy
     URL for the ``postgres`` database using the psycopg 3 driver.
+
+    Between ``start()`` and ``stop()`` the server can be taken down and brought
+    back (``restart()``, ``stop_server()``, ``start_server()``) to test how
+    clients survive database restarts: it comes back on the same port, so
+    :attr:`url` and :attr:`port` do not change, with the same data.
     """
 
     def __init__(self, *, base_dir: str | os.PathLike[str] | None = None) -> None:
@@ -448,28 +496,44 @@ class EmbeddedPostgres:
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
-        self._lock = threading.Lock()
+        # Holds the port while the server is down (see _reserve_port).
+        self._port_guard: socket.socket | None = None
+        self._install: _Install | None = None
+        self._run_as: _RunAs | None = None
+        self._lock = threading.RLock()
 
     # -- public API ---------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """SQLAlchemy URL: ``postgresql+psycopg://postgres@127.0.0.1:<port>/postgres``."""
+        """SQLAlchemy URL: ``postgresql+psycopg://postgres@127.0.0.1:<port>/postgres``.
+
+        Unchanged by restarts, and available while the server is down."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     @property
     def port(self) -> int:
-        """The TCP port the server listens on (127.0.0.1 only)."""
-        if self._port is None or self._proc is None:
+        """The TCP port the server listens on (127.0.0.1 only).
+
+        Unchanged by restarts, and available while the server is down
+        (between ``stop_server()`` and ``start_server()``)."""
+        if self._port is None or self._dir is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
         return self._port
 
     @property
     def pid(self) -> int:
-        """Process id of the postmaster."""
+        """Process id of the postmaster (a new one after each restart)."""
         if self._proc is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
         return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster runs (False before ``start()``, after ``stop()``
+        and while down between ``stop_server()`` and ``start_server()``)."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
 
     @property
     def directory(self) -> Path:
@@ -490,6 +554,7 @@ class EmbeddedPostgres:
             parent.mkdir(parents=True, exist_ok=True)
             _clean_stale_dirs(parent)
             self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=parent)).resolve()
+            self._install, self._run_as = install, run_as
             try:
                 (self._dir / _OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
                 if run_as is not None:
@@ -501,19 +566,112 @@ class EmbeddedPostgres:
                             "world-searchable (mode o+x), e.g. under /tmp"
                         )
                 self._initdb(install, run_as)
-                self._start_server(install, run_as)
+                self._start_first(install, run_as)
             except BaseException:
                 self._cleanup()
                 raise
             atexit.register(self.stop)
 
     def stop(self) -> None:
-        """Shut the server down (fast shutdown, then SIGKILL after a timeout) and
-        delete its directory. Does nothing if it is not running."""
+        """Shut the server down (fast shutdown, escalating to immediate, then
+        SIGKILL after timeouts) and delete its directory. Does nothing if it was
+        not started; also cleans up a server that is down after ``stop_server()``
+        or a failed ``start_server()``."""
         with self._lock:
             with contextlib.suppress(Exception):
                 atexit.unregister(self.stop)
             self._cleanup()
+
+    def stop_server(self, mode: ShutdownMode = "fast") -> None:
+        """Stop the postmaster only, keeping the data directory and the port.
+
+        ``mode`` is PostgreSQL's shutdown mode, sent as a signal to the
+        postmaster: ``"smart"`` (SIGTERM: wait for clients to disconnect),
+        ``"fast"`` (SIGINT: disconnect clients, checkpoint) or ``"immediate"``
+        (SIGQUIT: kill everything at once, like a crash; the next start runs
+        crash recovery). Returns once the postmaster and its children are gone.
+        If the shutdown takes longer than 15 s (e.g. a smart shutdown with
+        clients connected), it is escalated to immediate, then to SIGKILL.
+
+        The port stays reserved while the server is down (see
+        :meth:`start_server`); connections to it are refused. Does nothing if
+        the server is already down. Raises :class:`EmbeddedPostgresError` if it
+        was never started.
+        """
+        _check_mode(mode)
+        with self._lock:
+            self._require_started()
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                self._stop_postmaster(proc, mode)
+            if self._port_guard is None and self._port is not None:
+                self._port_guard = _reserve_port(self._port)
+
+    def start_server(self) -> None:
+        """Start the postmaster again after :meth:`stop_server`, on the same port
+        and data directory, and return once it accepts connections (after crash
+        recovery, following an immediate shutdown).
+
+        The port was held while the server was down, but only against programs
+        that bind it without SO_REUSEADDR (or as an ephemeral port): if another
+        program listens on it now, this raises :class:`EmbeddedPostgresError`
+        and the server stays down (call it again once the port is free, or
+        ``stop()``). Also raises if the server was never started, or is running.
+
+        Like ``start()``, call this from a long-lived thread: the new postmaster
+        gets the parent-death signal of the *calling thread*, and shuts down
+        when that thread exits (or the whole process dies).
+        """
+        with self._lock:
+            self._require_started()
+            if self._proc is not None:
+                if self._proc.poll() is None:
+                    raise EmbeddedPostgresError("the embedded PostgreSQL server is already running")
+                # It died on its own (e.g. killed by a test): start it again.
+                self._proc.wait()
+                self._proc = None
+            assert self._dir is not None and self._port is not None
+            assert self._install is not None
+            log_path = self._dir / _LOG_FILE
+            try:
+                output = self._launch(self._install, self._run_as, self._port)
+            except BaseException:
+                proc, self._proc = self._proc, None
+                if proc is not None:
+                    self._stop_postmaster(proc, "immediate")
+                raise
+            if output is None:
+                return
+            if _port_taken(output):
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL could not listen on port {self._port} again: another "
+                    "program took it while the server was down, so clients cannot "
+                    "reconnect to the same URL; free the port and call start_server() "
+                    f"again, or stop(). The server log ends with:\n{_tail(log_path)}"
+                )
+            raise EmbeddedPostgresError(
+                f"PostgreSQL failed to restart; the server log ends with:\n{_tail(log_path)}"
+            )
+
+    def restart(self, mode: ShutdownMode = "fast", *, down_for: float = 0.0) -> None:
+        """Stop the server with the given shutdown mode, stay down ``down_for``
+        seconds, then start it again on the same port and data directory (data
+        kept); returns once it accepts connections.
+
+        Connections opened before the restart are broken: their next use fails
+        (``psycopg.OperationalError``); new connections to the same
+        :attr:`url` work. Connection attempts while it is down are refused. See
+        :meth:`stop_server` for the modes and :meth:`start_server` for the
+        errors and for the thread to call this from.
+        """
+        _check_mode(mode)
+        if down_for < 0:
+            raise ValueError(f"down_for must be >= 0, not {down_for!r}")
+        with self._lock:
+            self.stop_server(mode)
+            if down_for > 0:
+                time.sleep(down_for)
+            self.start_server()
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
@@ -528,7 +686,12 @@ class EmbeddedPostgres:
         self.stop()
 
     def __repr__(self) -> str:
-        state = f"port={self._port}" if self._proc is not None else "stopped"
+        if self._proc is not None:
+            state = f"port={self._port}"
+        elif self._dir is not None:
+            state = f"port={self._port} down"
+        else:
+            state = "stopped"
         return f"<EmbeddedPostgres {state}>"
 
     # -- internals ----------------------------------------------------------
@@ -575,58 +738,29 @@ class EmbeddedPostgres:
                 f"{_tail(log_path)}"
             )
 
-    def _start_server(self, install: _Install, run_as: _RunAs | None) -> None:
+    def _require_started(self) -> None:
+        if self._dir is None:
+            raise EmbeddedPostgresError(
+                "the embedded PostgreSQL server is not running (call start() first)"
+            )
+
+    def _start_first(self, install: _Install, run_as: _RunAs | None) -> None:
+        """Start the postmaster of a new cluster on a free port."""
         assert self._dir is not None
         log_path = self._dir / _LOG_FILE
-        data_dir = self._dir / "data"
         for _attempt in range(_PORT_ATTEMPTS):
             port = _free_port()
-            cmd = [
-                str(install.exe("postgres")),
-                "-D",
-                str(data_dir),
-                "-p",
-                str(port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "unix_socket_directories=",  # TCP only
-                "-c",
-                "max_connections=200",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "logging_collector=off",
-                "-c",
-                "log_line_prefix=%m [%p] ",
-                "-c",
-                "TimeZone=UTC",
-            ]
-            offset = log_path.stat().st_size if log_path.exists() else 0
-            with open(log_path, "ab") as log:
-                self._proc = _spawn(
-                    cmd,
-                    stdout=log,
-                    env=_subprocess_env(install),
-                    run_as=run_as,
-                    deathsig=_DEATHSIG_SERVER,
-                )
+            self._port_guard = _reserve_port(port)  # best effort
             self._port = port
-            if self._wait_ready(data_dir, log_path):
+            output = self._launch(install, run_as, port)
+            if output is None:
                 return
-            # The postmaster exited: retry on another port if that was the problem.
-            with open(log_path, "rb") as log:
-                log.seek(offset)
-                new_output = log.read().decode(errors="replace")
-            self._proc = None
             self._port = None
-            if "could not bind" not in new_output and "could not create any TCP/IP" not in (
-                new_output
-            ):
+            if self._port_guard is not None:
+                self._port_guard.close()
+                self._port_guard = None
+            # The postmaster exited: retry on another port if that was the problem.
+            if not _port_taken(output):
                 raise EmbeddedPostgresError(
                     f"PostgreSQL failed to start; the server log ends with:\n{_tail(log_path)}"
                 )
@@ -634,6 +768,60 @@ class EmbeddedPostgres:
             f"PostgreSQL could not bind a port after {_PORT_ATTEMPTS} attempts; "
             f"the server log ends with:\n{_tail(log_path)}"
         )
+
+    def _launch(self, install: _Install, run_as: _RunAs | None, port: int) -> str | None:
+        """Start the postmaster on ``port`` and wait until it is ready.
+
+        Returns None once it is ready (``self._proc`` is set), or what it wrote
+        to the log if it exited (``self._proc`` is None). Raises on timeout,
+        leaving ``self._proc`` set for the caller to stop."""
+        assert self._dir is not None
+        log_path = self._dir / _LOG_FILE
+        data_dir = self._dir / "data"
+        cmd = [
+            str(install.exe("postgres")),
+            "-D",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",  # TCP only
+            "-c",
+            "max_connections=200",
+            "-c",
+            "fsync=off",
+            # On: with fsync=off a commit only costs a write(2) of the WAL, and
+            # committed transactions then survive an immediate shutdown (a
+            # crash of PostgreSQL, not of the OS), as fault-injection tests
+            # that restart the server expect.
+            "-c",
+            "synchronous_commit=on",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "logging_collector=off",
+            "-c",
+            "log_line_prefix=%m [%p] ",
+            "-c",
+            "TimeZone=UTC",
+        ]
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            self._proc = _spawn(
+                cmd,
+                stdout=log,
+                env=_subprocess_env(install),
+                run_as=run_as,
+                deathsig=_DEATHSIG_SERVER,
+            )
+        if self._wait_ready(data_dir, log_path):
+            return None
+        self._proc = None
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def _wait_ready(self, data_dir: Path, log_path: Path) -> bool:
         """Wait until the postmaster reports "ready" in postmaster.pid.
@@ -666,25 +854,53 @@ class EmbeddedPostgres:
     def _cleanup(self) -> None:
         proc, self._proc = self._proc, None
         directory, self._dir = self._dir, None
+        guard, self._port_guard = self._port_guard, None
         self._port = None
+        self._install = self._run_as = None
         if proc is not None:
-            self._shutdown(proc)
+            self._stop_postmaster(proc, "fast")
+        if guard is not None:
+            guard.close()
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
 
     @staticmethod
-    def _shutdown(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
+    def _stop_postmaster(proc: subprocess.Popen[bytes], mode: str) -> None:
+        """Shut the postmaster down in ``mode`` and wait for it to exit,
+        escalating to an immediate shutdown, then SIGKILL, on timeouts.
+
+        The postmaster exits only once all its children are gone (an immediate
+        shutdown SIGKILLs them after 5 s), so the data directory and shared
+        memory are free for the next start when this returns normally."""
+        steps: list[tuple[str, float]] = [(mode, _STOP_TIMEOUT)]
+        if mode != "immediate":
+            steps.append(("immediate", _IMMEDIATE_STOP_TIMEOUT))
+        for step, timeout in steps:
+            if proc.poll() is not None:
+                break
             with contextlib.suppress(OSError):
                 if os.name == "posix":
-                    proc.send_signal(signal.SIGINT)  # "fast" shutdown
+                    proc.send_signal(_SHUTDOWN_SIGNALS[step])
                 else:  # pragma: no cover
                     proc.terminate()
             try:
-                proc.wait(timeout=_STOP_TIMEOUT)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                # The children notice the postmaster's death and exit by themselves.
-                proc.kill()
-                proc.wait()
-        else:
-            proc.wait()
+                continue
+            break
+        if proc.poll() is None:
+            # The children notice the postmaster's death and exit by themselves.
+            proc.kill()
+        proc.wait()
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _SHUTDOWN_SIGNALS:
+        raise ValueError(
+            f"unknown shutdown mode {mode!r}; expected one of {', '.join(_SHUTDOWN_SIGNALS)}"
+        )
+
+
+def _port_taken(server_output: str) -> bool:
+    """Whether the postmaster's output says it could not listen on its port."""
+    return "could not bind" in server_output or "could not create any TCP/IP" in server_output

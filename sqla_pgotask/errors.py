@@ -29,3 +29,18 @@ class HandlerTransactionError(PgotaskError):
 
 class NonRetryableError(Exception):
     """Raise (or subclass) this in a handler to fail the task without further attempts."""
+
+
+class TaskCancelledError(Exception):
+    """Raised by ``current_attempt().check()`` once cancellation was requested.
+
+    A handler may also raise it itself to cancel its own task.
+    """
+
+
+class TaskTimeoutError(Exception):
+    """The attempt ran past its handler's ``timeout``."""
+
+
+class ClaimLostError(Exception):
+    """The worker no longer owns the attempt: another worker took the task over."""

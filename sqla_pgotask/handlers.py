@@ -33,6 +33,8 @@ class Handler:
     retry: RetryStrategy = field(default_factory=lambda: as_strategy(None))
     queue: str = "default"
     non_retryable: tuple[type[BaseException], ...] = ()
+    #: Seconds an attempt may take; ``None`` for no limit.
+    timeout: float | None = None
 
     def __call__(self, session: Session, task: Task) -> object:
         return self.func(session, task)
@@ -74,6 +76,7 @@ def make_handler(
     retry: RetrySpec = None,
     queue: str = "default",
     non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
+    timeout: float | None = None,
 ) -> Handler:
     """Validate the decorator's arguments and build the :class:`Handler`."""
     if not isinstance(kind, str) or not kind:
@@ -86,6 +89,12 @@ def make_handler(
         )
     if not isinstance(queue, str) or not queue:
         raise ConfigurationError(f"handler {kind!r}: queue must be a non-empty string")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ConfigurationError(
+            f"handler {kind!r}: timeout must be a number of seconds > 0, not {timeout!r}"
+        )
     if isinstance(non_retryable, type):
         non_retryable = (non_retryable,)
     for exc_type in non_retryable:
@@ -100,4 +109,5 @@ def make_handler(
         retry=as_strategy(retry),
         queue=queue,
         non_retryable=tuple(non_retryable),
+        timeout=None if timeout is None else float(timeout),
     )

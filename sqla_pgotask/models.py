@@ -35,7 +35,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -49,6 +49,7 @@ from sqla_pgotask.errors import InvalidPayloadError
 
 TASK_TABLE = "pgotask_task"
 TASK_ERROR_TABLE = "pgotask_task_error"
+WORKER_TABLE = "pgotask_worker"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -117,6 +118,9 @@ class Task(Base):
     locked_by: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
     result: Mapped[Any | None] = mapped_column(JSONB)
+    #: Set to request cancellation (``scheduler.cancel()`` or plain SQL): a
+    #: pending task is cancelled at once, a running one when its handler ends.
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
 
     errors: Mapped[list[TaskError]] = relationship(
         back_populates="task",
@@ -181,6 +185,27 @@ class TaskError(Base):
             f"<TaskError task_id={self.task_id} attempt={self.attempt} "
             f"{self.exception_type}: {self.message!r}>"
         )
+
+
+class RegisteredWorker(Base):
+    """A running worker, as it registered itself; rows of dead workers are pruned."""
+
+    __tablename__ = WORKER_TABLE
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    #: Kernel boot and pid namespace: workers on the same node can check each
+    #: other's pid for liveness.
+    node: Mapped[str] = mapped_column(Text)
+    kinds: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    queues: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    concurrency: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+    last_heartbeat_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<RegisteredWorker {self.id} kinds={self.kinds} queues={self.queues}>"
 
 
 def _check_payload(mapper: Mapper[Any], connection: Connection, target: Task) -> None:

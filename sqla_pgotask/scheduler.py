@@ -26,15 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
+from sqla_pgotask._connections import require_psycopg
 from sqla_pgotask._execute import TaskRunner
-from sqla_pgotask._listener import require_psycopg
+from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
-from sqla_pgotask.models import Task
+from sqla_pgotask.models import Task, TaskStatus
 from sqla_pgotask.retry import RetrySpec
 from sqla_pgotask.schema import check_schema
 from sqla_pgotask.worker import Worker, WorkerSettings, WorkerStats, new_worker_id
@@ -46,6 +47,14 @@ class Scheduler:
     ``session_factory`` is the application's ``sessionmaker``: every handler
     runs in one of its Sessions, and the worker's own statements go through
     the same engine.
+
+    ``lease_seconds``: how long a claim lasts without a heartbeat; a worker
+    that dies (even by ``kill -9``) has its tasks rescued once their leases
+    expire, or sooner once it is known dead (silent for ``dead_after``
+    seconds, default ``lease_seconds``; or its process gone from the same
+    machine, noticed within ``maintenance_interval``).  Live workers renew
+    their leases every ``heartbeat_interval`` (default ``lease_seconds / 6``).
+    ``shutdown_grace``: how long :meth:`stop` lets running handlers finish.
     """
 
     def __init__(
@@ -55,7 +64,11 @@ class Scheduler:
         concurrency: int = 4,
         queues: Sequence[str] | None = None,
         poll_interval: float = 1.0,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 30.0,
+        heartbeat_interval: float | None = None,
+        maintenance_interval: float = 5.0,
+        dead_after: float | None = None,
+        shutdown_grace: float = 30.0,
     ) -> None:
         if not isinstance(session_factory, sessionmaker):
             raise ConfigurationError(
@@ -63,7 +76,13 @@ class Scheduler:
                 f"not {type(session_factory).__name__}"
             )
         self.session_factory = session_factory
-        self.settings = _settings(concurrency, queues, poll_interval, lease_seconds)
+        self.settings = _settings(
+            concurrency=concurrency,
+            queues=queues,
+            poll_interval=poll_interval,
+            shutdown_grace=shutdown_grace,
+            timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
+        )
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
         self._worker: Worker | None = None
@@ -81,6 +100,7 @@ class Scheduler:
         retry: RetrySpec = None,
         queue: str = "default",
         non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
+        timeout: float | None = None,
     ) -> Callable[[HandlerFunc], Handler]:
         """Register the decorated ``def fn(session, task)`` as the handler of ``kind``.
 
@@ -88,7 +108,9 @@ class Scheduler:
         ``max_attempts`` overrides it).  ``retry``: backoff between attempts
         (see :mod:`sqla_pgotask.retry`).  ``queue``: the queue of tasks made
         with :meth:`Handler.task`.  ``non_retryable``: exception types that
-        fail the task at once.
+        fail the task at once.  ``timeout``: seconds an attempt may take; its
+        SQL is cut off by the server, and an attempt that overruns fails with
+        :class:`~sqla_pgotask.TaskTimeoutError` (see :mod:`sqla_pgotask.context`).
         """
 
         def register(func: HandlerFunc) -> Handler:
@@ -99,6 +121,7 @@ class Scheduler:
                 retry=retry,
                 queue=queue,
                 non_retryable=non_retryable,
+                timeout=timeout,
             )
             with self._lock:
                 if kind in self._handlers:
@@ -141,17 +164,21 @@ class Scheduler:
         concurrency: int | None = None,
         queues: Sequence[str] | None = None,
         poll_interval: float | None = None,
+        shutdown_grace: float | None = None,
     ) -> WorkerStats:
         """Run a worker in this thread until :meth:`stop` is called; return what it did.
 
-        The library installs no signal handlers: call :meth:`stop` from one of
-        yours (the ``pgotask worker`` command does) or from another thread.
+        Arguments override the Scheduler's settings for this run.  The library
+        installs no signal handlers: call :meth:`stop` from one of yours (the
+        ``pgotask worker`` command does) or from another thread.
         """
+        current = self.settings
         settings = _settings(
-            concurrency if concurrency is not None else self.settings.concurrency,
-            queues if queues is not None else self.settings.queues,
-            poll_interval if poll_interval is not None else self.settings.poll_interval,
-            self.settings.lease_seconds,
+            concurrency=current.concurrency if concurrency is None else concurrency,
+            queues=current.queues if queues is None else queues,
+            poll_interval=current.poll_interval if poll_interval is None else poll_interval,
+            shutdown_grace=current.shutdown_grace if shutdown_grace is None else shutdown_grace,
+            timing=current.timing,
         )
         self._require_handlers()
         with self._lock:
@@ -191,6 +218,21 @@ class Scheduler:
         if worker is not None:
             worker.stop()
 
+    def cancel(self, session: Session, task_id: int) -> TaskStatus | None:
+        """Cancel a task, in ``session``'s transaction (it takes effect when that commits).
+
+        A pending task becomes ``cancelled`` and never runs.  A running task
+        is flagged: its worker is notified, ``current_attempt().check()``
+        raises :class:`~sqla_pgotask.TaskCancelledError` in its handler, and
+        when the handler ends its transaction is rolled back and the task ends
+        ``cancelled``.  Returns the task's status after the request
+        (``cancelled`` or ``running``), or ``None`` if there is no such task
+        or it already finished.  Plain SQL does the same:
+        ``UPDATE pgotask_task SET cancel_requested_at = now() WHERE id = ...``.
+        """
+        status = session.execute(select(func.pgotask_cancel(task_id))).scalar_one_or_none()
+        return None if status is None else TaskStatus(status)
+
     @property
     def running_worker(self) -> Worker | None:
         """The worker :meth:`run` is running, if any."""
@@ -207,6 +249,8 @@ class Scheduler:
 
         A task that fails and is retried later is counted once per attempt run
         here; its retry is not waited for.  For tests, scripts and cron jobs.
+        No heartbeats run here: a handler that takes longer than
+        ``lease_seconds`` may be rescued by a worker running meanwhile.
         """
         self._require_handlers()
         if not self._schema_checked:
@@ -221,10 +265,10 @@ class Scheduler:
                 tasks = claim_tasks(
                     self.session_factory,
                     worker_id=worker_id,
-                    kinds=sorted(self._handlers),
+                    kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
                     queues=served,
                     limit=limit,
-                    lease_seconds=self.settings.lease_seconds,
+                    lease_seconds=self.settings.timing.lease,
                 )
                 if not tasks:
                     break
@@ -253,10 +297,12 @@ class Scheduler:
 
 
 def _settings(
+    *,
     concurrency: int,
     queues: Sequence[str] | None,
     poll_interval: float,
-    lease_seconds: float,
+    shutdown_grace: float,
+    timing: Timing,
 ) -> WorkerSettings:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
@@ -266,13 +312,46 @@ def _settings(
         queues = tuple(queues)
         if not queues or not all(isinstance(q, str) and q for q in queues):
             raise ConfigurationError(f"queues must be non-empty queue names, not {queues!r}")
-    if poll_interval <= 0:
-        raise ConfigurationError(f"poll_interval must be > 0, not {poll_interval!r}")
-    if lease_seconds <= 0:
-        raise ConfigurationError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+    _positive("poll_interval", poll_interval)
+    if shutdown_grace < 0:
+        raise ConfigurationError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
     return WorkerSettings(
         concurrency=concurrency,
         queues=queues,
         poll_interval=float(poll_interval),
-        lease_seconds=float(lease_seconds),
+        shutdown_grace=float(shutdown_grace),
+        timing=timing,
     )
+
+
+def _timing(
+    lease_seconds: float,
+    heartbeat_interval: float | None,
+    maintenance_interval: float,
+    dead_after: float | None,
+) -> Timing:
+    _positive("lease_seconds", lease_seconds)
+    heartbeat = lease_seconds / 6 if heartbeat_interval is None else heartbeat_interval
+    _positive("heartbeat_interval", heartbeat)
+    if heartbeat > lease_seconds / 2:
+        raise ConfigurationError(
+            f"heartbeat_interval ({heartbeat:g} s) must be at most half of lease_seconds "
+            f"({lease_seconds:g} s), or leases expire between heartbeats"
+        )
+    _positive("maintenance_interval", maintenance_interval)
+    dead = lease_seconds if dead_after is None else dead_after
+    if dead < 2 * heartbeat:
+        raise ConfigurationError(
+            f"dead_after ({dead:g} s) must be at least twice heartbeat_interval ({heartbeat:g} s)"
+        )
+    return Timing(
+        lease=float(lease_seconds),
+        heartbeat_interval=float(heartbeat),
+        maintenance_interval=float(maintenance_interval),
+        dead_after=float(dead),
+    )
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number > 0, not {value!r}")

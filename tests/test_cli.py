@@ -150,7 +150,7 @@ def test_worker_unmigrated_database(empty_database_url: str) -> None:
 def test_migrate_installs_the_schema(empty_database_url: str) -> None:
     done = run_pgotask(["migrate", "--database-url", empty_database_url], None)
     assert done.returncode == 0, done.stderr
-    assert "sqla_pgotask schema at revision sqla_pgotask_0001" in done.stdout
+    assert f"sqla_pgotask schema at revision {HEAD_REVISION}" in done.stdout
     eng = create_engine(empty_database_url)
     try:
         with eng.connect() as conn:

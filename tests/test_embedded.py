@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,7 +39,8 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 EMBEDDED_FILE = Path(embedded.__file__).resolve()
 
 # Run in a child interpreter: loads embedded.py by path (independent of the
-# rest of the package and of sys.path), starts a server, reports it, waits.
+# rest of the package and of sys.path), starts a server (and restarts it with
+# "restart-wait"), reports it, waits.
 CHILD_SCRIPT = textwrap.dedent(
     """
     import importlib.util, os, sys, time
@@ -48,9 +50,11 @@ CHILD_SCRIPT = textwrap.dedent(
     spec.loader.exec_module(module)
     server = module.EmbeddedPostgres()
     server.start()
+    if sys.argv[2] == "restart-wait":
+        server.restart("immediate")
     print(server.port, server.pid, server.directory, os.path.realpath(
         "/proc/%d/exe" % server.pid) if os.path.exists("/proc") else "-", flush=True)
-    if sys.argv[2] == "wait":
+    if sys.argv[2].endswith("wait"):
         time.sleep(3600)
     server.stop()
     """
@@ -216,9 +220,12 @@ def test_root_base_dir_unreachable_by_server_user() -> None:
 
 @slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_server_dies_with_killed_parent() -> None:
+@pytest.mark.parametrize("action", ["wait", "restart-wait"])
+def test_server_dies_with_killed_parent(action: str) -> None:
+    """Also for a postmaster started again by restart(), which must keep the
+    parent-death signal (and, as root, run as the unprivileged user)."""
     with subprocess.Popen(
-        [sys.executable, "-c", CHILD_SCRIPT, str(EMBEDDED_FILE), "wait"],
+        [sys.executable, "-c", CHILD_SCRIPT, str(EMBEDDED_FILE), action],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -233,6 +240,10 @@ def test_server_dies_with_killed_parent() -> None:
         port, postmaster = int(port_s), int(pid_s)
         try:
             assert accepts_connections(port)
+            if IS_ROOT:
+                status = Path(f"/proc/{postmaster}/status").read_text()
+                uid_line = next(ln for ln in status.splitlines() if ln.startswith("Uid:"))
+                assert uid_line.split()[1] != "0", "the postmaster runs as root"
             backends = child_pids(postmaster)
             assert backends, "expected postmaster children (checkpointer, ...)"
 
@@ -287,3 +298,212 @@ def test_root_copies_binaries_the_server_user_cannot_reach(world_searchable_dir:
         assert not Path(directory).exists()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+# -- restarts ------------------------------------------------------------------
+
+
+def connect(server: EmbeddedPostgres, **kwargs: object) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(
+        host="127.0.0.1",
+        port=server.port,
+        user="postgres",
+        dbname="postgres",
+        connect_timeout=5,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def server_with_row() -> Iterator[EmbeddedPostgres]:
+    """A running server with a table ``t`` holding one row, ``(1, 'kept')``."""
+    with EmbeddedPostgres() as server:
+        with connect(server) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, note text)")
+            conn.execute("INSERT INTO t VALUES (1, 'kept')")
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_restart_keeps_data_and_breaks_open_connections(
+    server_with_row: EmbeddedPostgres, mode: embedded.ShutdownMode
+) -> None:
+    server = server_with_row
+    port, url, directory, old_pid = server.port, server.url, server.directory, server.pid
+    with connect(server) as old_conn:
+        assert old_conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        started = time.monotonic()
+        server.restart(mode)
+        elapsed = time.monotonic() - started
+        assert server.running
+        assert (server.port, server.url, server.directory) == (port, url, directory)
+        assert server.pid != old_pid
+        with pytest.raises(psycopg.OperationalError):
+            old_conn.execute("SELECT 1")
+    assert elapsed < 10, f"{mode} restart took {elapsed:.1f}s"
+
+    with connect(server) as conn:
+        assert conn.execute("SELECT id, note FROM t").fetchall() == [(1, "kept")]
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as sa_conn:
+            assert sa_conn.execute(sa.text("SELECT note FROM t")).scalar_one() == "kept"
+    finally:
+        engine.dispose()
+
+    if mode == "immediate":
+        log = (directory / "server.log").read_text()
+        assert "received immediate shutdown request" in log
+        assert "automatic recovery in progress" in log  # start waited for crash recovery
+
+
+def test_immediate_restart_keeps_every_committed_row(server_with_row: EmbeddedPostgres) -> None:
+    """Commits right before a crash survive it (synchronous_commit stays on)."""
+    server = server_with_row
+    with connect(server, autocommit=True) as conn:
+        for i in range(2, 102):
+            conn.execute("INSERT INTO t VALUES (%s, 'late')", (i,))
+    server.restart("immediate")
+    with connect(server) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (101,)
+
+
+def test_smart_restart_escalates_when_clients_stay(
+    server_with_row: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = server_with_row
+    server.restart("smart")  # no client: a smart shutdown is quick
+    monkeypatch.setattr(embedded, "_STOP_TIMEOUT", 0.5)
+    with connect(server) as old_conn:
+        old_conn.execute("SELECT 1")
+        started = time.monotonic()
+        server.restart("smart")  # waits for old_conn, then shuts down immediately
+        assert time.monotonic() - started >= 0.5
+        with pytest.raises(psycopg.OperationalError):
+            old_conn.execute("SELECT 1")
+    log = (server.directory / "server.log").read_text()
+    assert "received smart shutdown request" in log
+    assert "received immediate shutdown request" in log
+    with connect(server) as conn:
+        assert conn.execute("SELECT note FROM t").fetchone() == ("kept",)
+
+
+def test_restart_down_for_keeps_it_down(server_with_row: EmbeddedPostgres) -> None:
+    server = server_with_row
+    port = server.port
+    attempts: list[tuple[float, BaseException | None]] = []
+
+    def try_while_down() -> None:
+        deadline = time.monotonic() + 5
+        while accepts_connections(port) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            with connect(server) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            attempts.append((time.monotonic(), exc))
+        else:
+            attempts.append((time.monotonic(), None))
+
+    # restart() runs in this (long-lived) thread: the restarted postmaster is
+    # tied to the thread that starts it.
+    prober = threading.Thread(target=try_while_down)
+    started = time.monotonic()
+    prober.start()
+    try:
+        server.restart("fast", down_for=1.0)
+    finally:
+        prober.join()
+    finished = time.monotonic()
+    assert finished - started >= 1.0
+    assert len(attempts) == 1
+    attempted_at, error = attempts[0]
+    assert attempted_at < finished
+    assert error is not None, "connected while the server should have been down"
+    with connect(server) as conn:
+        assert conn.execute("SELECT note FROM t").fetchone() == ("kept",)
+
+
+def test_stop_server_then_start_server(server_with_row: EmbeddedPostgres) -> None:
+    server = server_with_row
+    port, url = server.port, server.url
+    server.stop_server("immediate")
+    assert not server.running
+    assert (server.port, server.url) == (port, url)  # known while down
+    with pytest.raises(EmbeddedPostgresError, match="not running"):
+        _ = server.pid
+    assert "down" in repr(server)
+    assert not accepts_connections(port)
+    server.stop_server()  # already down: nothing to do
+    server.start_server()
+    with pytest.raises(EmbeddedPostgresError, match="already running"):
+        server.start_server()
+    with connect(server) as conn:
+        assert conn.execute("SELECT note FROM t").fetchone() == ("kept",)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="port reservation semantics")
+def test_port_grabbed_while_down(server_with_row: EmbeddedPostgres) -> None:
+    server = server_with_row
+    port = server.port
+    server.stop_server()
+    # The port is held: a plain bind (or an ephemeral port) cannot take it ...
+    with socket.socket() as naive, pytest.raises(OSError):
+        naive.bind(("127.0.0.1", port))
+    # ... but a program using SO_REUSEADDR can: then restarting is a clear error.
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        with pytest.raises(EmbeddedPostgresError, match=f"could not listen on port {port}"):
+            server.start_server()
+        assert not server.running
+    server.start_server()  # the port is free again
+    assert server.port == port
+    with connect(server) as conn:
+        assert conn.execute("SELECT note FROM t").fetchone() == ("kept",)
+
+
+def test_start_server_after_the_postmaster_was_killed(server_with_row: EmbeddedPostgres) -> None:
+    server = server_with_row
+    os.kill(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while server.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.running
+    server.start_server()
+    with connect(server) as conn:
+        assert conn.execute("SELECT note FROM t").fetchone() == ("kept",)
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_stop_cleans_up_after_restarts(down: bool) -> None:
+    server = EmbeddedPostgres()
+    server.start()
+    port, directory = server.port, server.directory
+    server.restart("fast")
+    server.restart("immediate")
+    if down:
+        server.stop_server()
+    server.stop()
+    assert not directory.exists()
+    assert not accepts_connections(port)
+    assert not server.running
+    with pytest.raises(EmbeddedPostgresError, match="not running"):
+        _ = server.port
+    if sys.platform.startswith("linux"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # the reservation was released
+    with pytest.raises(EmbeddedPostgresError, match="not running"):
+        server.restart()
+
+
+def test_restart_argument_and_state_errors() -> None:
+    server = EmbeddedPostgres()
+    for call in (server.restart, server.stop_server, server.start_server):
+        with pytest.raises(EmbeddedPostgresError, match="not running"):
+            call()
+    with pytest.raises(ValueError, match="shutdown mode"):
+        server.restart("abrupt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="down_for"):
+        server.restart(down_for=-1)

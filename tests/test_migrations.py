@@ -166,8 +166,13 @@ def test_step_by_step_upgrade_and_downgrade_to_base_leave_nothing(db: Engine) ->
         assert _function_revision(db) == revision
     installed = _our_objects(db)
     assert installed["table"] == {*TABLE_NAMES, STANDALONE_VERSION_TABLE}
-    assert installed["function"] == {"pgotask_schema_revision", "pgotask_notify_insert"}
-    assert installed["trigger"] == {"pgotask_task_notify_insert"}
+    assert installed["function"] == {
+        "pgotask_schema_revision",
+        "pgotask_notify_insert",
+        "pgotask_on_cancel_request",
+        "pgotask_cancel",
+    }
+    assert installed["trigger"] == {"pgotask_task_notify_insert", "pgotask_task_cancel_request"}
 
     for previous in [None, *REVISIONS][-2::-1]:
         downgrade(db, "-1")
@@ -273,8 +278,8 @@ def test_consumer_upgrade_heads_installs_both_branches(
 
     assert _public_tables(db) == {*TABLE_NAMES, "orders", "alembic_version"}
     assert _function_revision(db) == HEAD_REVISION
-    # app_0001 depends on our head, so Alembic records only the app's revision.
-    assert _scalars(db, "SELECT version_num FROM alembic_version") == {APP_REVISION}
+    # app_0001 depends on our first revision; both branch heads are recorded.
+    assert _scalars(db, "SELECT version_num FROM alembic_version") == {APP_REVISION, HEAD_REVISION}
     assert _scalars(
         db,
         "SELECT confrelid::regclass::text FROM pg_constraint "
@@ -344,7 +349,8 @@ def test_app_revision_depending_on_the_library_runs_after_it(
     config = _app(project, empty_database_url, depends_on=depends_on).config()
     # Upgrading only the application's branch pulls in the library's revision first.
     command.upgrade(config, f"{APP_BRANCH}@head")
-    assert _public_tables(db) == {*TABLE_NAMES, "orders", "alembic_version"}
+    # Only what the dependency needs: the library's first revision.
+    assert _public_tables(db) == {"pgotask_task", "pgotask_task_error", "orders", "alembic_version"}
 
 
 def test_app_revision_without_depends_on_is_not_ordered_after_the_library(

@@ -409,7 +409,7 @@ def test_stale_worker_cannot_complete_and_its_writes_roll_back(
 
     add_tasks(app, Task(kind="ledger"), Task(kind="bad"))
     claimed = claim_tasks(
-        app, worker_id="old", kinds=["ledger", "bad"], queues=None, limit=10, lease_seconds=60
+        app, worker_id="old", kinds={"ledger": 5, "bad": 5}, queues=None, limit=10, lease_seconds=60
     )
     assert [t.attempts for t in claimed] == [1, 1]
     # Another worker took the tasks over (as after a lease expiry): attempt 2 is theirs.
@@ -440,7 +440,7 @@ def test_finished_task_cannot_be_completed_again(app: sessionmaker[Session]) -> 
 
     add_tasks(app, Task(kind="ledger"))
     (task,) = claim_tasks(
-        app, worker_id="w", kinds=["ledger"], queues=None, limit=1, lease_seconds=60
+        app, worker_id="w", kinds={"ledger": 5}, queues=None, limit=1, lease_seconds=60
     )
     with app.begin() as session:
         session.execute(update(Task).values(status="cancelled"))
@@ -504,7 +504,9 @@ def test_release_gives_back_unstarted_tasks_without_using_an_attempt(
     app: sessionmaker[Session],
 ) -> None:
     add_tasks(app, *(Task(kind="k") for _ in range(3)))
-    claimed = claim_tasks(app, worker_id="w", kinds=["k"], queues=None, limit=3, lease_seconds=60)
+    claimed = claim_tasks(
+        app, worker_id="w", kinds={"k": 5}, queues=None, limit=3, lease_seconds=60
+    )
     assert release_tasks(app, claimed) == 3
     with app() as session:
         rows = session.execute(

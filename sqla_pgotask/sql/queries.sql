@@ -10,9 +10,11 @@
 -- Claim up to :limit due tasks of the kinds this worker handles, in priority
 -- order.  SKIP LOCKED lets concurrent workers (and application inserts) pass
 -- each other without waiting; the transaction is committed at once, so the
--- row locks last for this statement only.
+-- row locks last for this statement only.  A task without max_attempts takes
+-- its handler's setting here, so any worker can later tell whether a lost
+-- attempt was its last.
 WITH due AS (
-    SELECT id
+    SELECT id, kind
     FROM pgotask_task
     WHERE status = 'pending'
       AND run_at <= now()
@@ -24,17 +26,20 @@ WITH due AS (
 UPDATE pgotask_task AS t
 SET status = 'running',
     attempts = t.attempts + 1,
+    max_attempts = COALESCE(t.max_attempts, h.max_attempts),
     started_at = now(),
     locked_by = :worker,
     lease_expires_at = now() + make_interval(secs => :lease_seconds)
 FROM due
+JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
+    ON h.kind = due.kind
 WHERE t.id = due.id
 RETURNING t.*;
 
 -- name: claim_in_queues
 -- The same claim, restricted to the queues this worker serves.
 WITH due AS (
-    SELECT id
+    SELECT id, kind
     FROM pgotask_task
     WHERE status = 'pending'
       AND run_at <= now()
@@ -47,10 +52,13 @@ WITH due AS (
 UPDATE pgotask_task AS t
 SET status = 'running',
     attempts = t.attempts + 1,
+    max_attempts = COALESCE(t.max_attempts, h.max_attempts),
     started_at = now(),
     locked_by = :worker,
     lease_expires_at = now() + make_interval(secs => :lease_seconds)
 FROM due
+JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
+    ON h.kind = due.kind
 WHERE t.id = due.id
 RETURNING t.*;
 
@@ -64,6 +72,18 @@ SET status = 'succeeded',
     result = CAST(:result AS jsonb),
     locked_by = NULL,
     lease_expires_at = NULL
+WHERE id = :id AND status = 'running' AND attempts = :attempt
+  AND cancel_requested_at IS NULL;
+
+-- name: finish_cancelled
+-- The handler's transaction was rolled back because cancellation was
+-- requested, or the handler cancelled its own task: it ends 'cancelled'.
+UPDATE pgotask_task
+SET status = 'cancelled',
+    cancel_requested_at = COALESCE(cancel_requested_at, clock_timestamp()),
+    finished_at = clock_timestamp(),
+    locked_by = NULL,
+    lease_expires_at = NULL
 WHERE id = :id AND status = 'running' AND attempts = :attempt;
 
 -- name: fail
@@ -73,11 +93,13 @@ WHERE id = :id AND status = 'running' AND attempts = :attempt;
 -- only if the fence held.
 WITH failed AS (
     UPDATE pgotask_task
-    SET status = CAST(:status AS varchar),
+    SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      ELSE CAST(:status AS varchar) END,
         run_at = CASE WHEN CAST(:status AS varchar) = 'pending'
                       THEN clock_timestamp() + make_interval(secs => :delay)
                       ELSE run_at END,
         finished_at = CASE WHEN CAST(:status AS varchar) = 'pending'
+                                AND cancel_requested_at IS NULL
                            THEN NULL ELSE clock_timestamp() END,
         locked_by = NULL,
         lease_expires_at = NULL
@@ -99,6 +121,111 @@ SET status = 'pending',
 WHERE status = 'running'
   AND (id, attempts) IN (
       SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])));
+
+-- name: release_interrupted
+-- Shutdown after the grace period: tasks whose handlers are still running
+-- are given back now, not after their lease; the attempt counts (the handler
+-- did run), and the error says why.
+WITH released AS (
+    UPDATE pgotask_task AS t
+    SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN t.attempts >= t.max_attempts THEN 'failed'
+                      ELSE 'pending' END,
+        run_at = now(),
+        finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL
+                                OR t.attempts >= t.max_attempts
+                           THEN clock_timestamp() END,
+        locked_by = NULL,
+        lease_expires_at = NULL
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
+    WHERE t.id = a.id AND t.status = 'running' AND t.attempts = a.attempt
+    RETURNING t.id, t.attempts
+)
+INSERT INTO pgotask_task_error (task_id, attempt, exception_type, message, worker)
+SELECT id, attempts, 'sqla_pgotask.WorkerShutdown',
+       'the worker shut down before the handler finished (grace period exceeded)', :worker
+FROM released;
+
+-- name: register_worker
+INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency)
+VALUES (:worker, :host, :pid, :node, CAST(:kinds AS text[]), CAST(:queues AS text[]),
+        :concurrency)
+ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now();
+
+-- name: unregister_worker
+DELETE FROM pgotask_worker WHERE id = :worker;
+
+-- name: heartbeat
+-- One statement per interval for all of a worker's tasks: extend the leases
+-- of the attempts it still owns (and is still willing to run), refresh its
+-- registry row (re-creating it if it was pruned), and report which of its
+-- tasks have a cancellation request.  Ids missing from the result are no
+-- longer this worker's.
+WITH me AS (
+    INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency)
+    VALUES (:worker, :host, :pid, :node, CAST(:kinds AS text[]), CAST(:queues AS text[]),
+            :concurrency)
+    ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+)
+UPDATE pgotask_task AS t
+SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
+WHERE t.id = a.id AND t.status = 'running' AND t.attempts = a.attempt
+RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: node_peers
+-- Other workers on this node (same kernel boot and pid namespace): their
+-- pids can be checked directly.
+SELECT id, pid FROM pgotask_worker WHERE node = :node AND id <> :worker;
+
+-- name: prune_workers
+-- Forget workers that stopped heart-beating, or whose process is known gone.
+DELETE FROM pgotask_worker
+WHERE id <> :worker
+  AND (last_heartbeat_at < now() - make_interval(secs => :dead_after)
+       OR id = ANY(CAST(:dead AS text[])))
+RETURNING id;
+
+-- name: rescue
+-- Give back running tasks whose lease expired or whose worker is gone
+-- (:gone, pruned in this same transaction).  The lost attempt counts and is
+-- recorded; a task out of attempts ends 'failed', so a task that kills its
+-- worker every time stops.  SKIP LOCKED and the status guard make concurrent
+-- rescuers, and a completion racing with a rescue, harmless.
+WITH lost AS (
+    SELECT id, locked_by,
+           CASE WHEN lease_expires_at < now() THEN 'its lease expired'
+                ELSE 'its worker is gone' END AS reason
+    FROM pgotask_task
+    WHERE status = 'running'
+      AND (lease_expires_at < now() OR locked_by = ANY(CAST(:gone AS text[])))
+    ORDER BY id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+),
+rescued AS (
+    UPDATE pgotask_task AS t
+    SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN t.attempts >= COALESCE(t.max_attempts, :default_max_attempts)
+                      THEN 'failed'
+                      ELSE 'pending' END,
+        run_at = now(),
+        finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL
+                                OR t.attempts >= COALESCE(t.max_attempts, :default_max_attempts)
+                           THEN clock_timestamp() END,
+        locked_by = NULL,
+        lease_expires_at = NULL
+    FROM lost
+    WHERE t.id = lost.id
+    RETURNING t.id, t.attempts, t.status, lost.locked_by, lost.reason
+)
+INSERT INTO pgotask_task_error (task_id, attempt, exception_type, message, worker)
+SELECT id, attempts, 'sqla_pgotask.WorkerLost',
+       format('worker %s was lost during attempt %s: %s; task is now %s',
+              locked_by, attempts, reason, status),
+       :worker
+FROM rescued
+RETURNING task_id;
 
 -- name: schema_revision
 SELECT pgotask_schema_revision();

@@ -1,0 +1,116 @@
+"""What a running handler can ask about its own attempt.
+
+::
+
+    from sqla_pgotask import current_attempt
+
+    @scheduler.handler("export", timeout=300)
+    def export(session, task):
+        for chunk in chunks(task.payload):
+            current_attempt().check()   # raises if cancelled, timed out or lost
+            write(session, chunk)
+
+Python code cannot be interrupted from outside safely, so long-running
+handlers should call :meth:`AttemptContext.check` between steps; their SQL is
+bounded by the server (see the ``timeout`` option of ``handler``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqla_pgotask.errors import ClaimLostError, TaskCancelledError, TaskTimeoutError
+
+
+@dataclass(eq=False)
+class AttemptContext:
+    """One attempt of one task, as seen by the worker running it."""
+
+    task_id: int
+    kind: str
+    attempt: int
+    #: The handler's ``timeout`` in seconds, if it has one.
+    timeout: float | None = None
+    #: ``time.monotonic()`` when the handler started (``None`` while queued).
+    started: float | None = None
+    _cancel_requested: threading.Event = field(default_factory=threading.Event)
+    _lost: threading.Event = field(default_factory=threading.Event)
+
+    def begin(self) -> None:
+        """Start the clock: the handler is about to be called."""
+        self.started = time.monotonic()
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` after which the attempt has timed out, if it can."""
+        if self.timeout is None or self.started is None:
+            return None
+        return self.started + self.timeout
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether cancellation of the task was requested."""
+        return self._cancel_requested.is_set()
+
+    @property
+    def lost(self) -> bool:
+        """Whether the worker no longer owns this attempt (its claim was taken over)."""
+        return self._lost.is_set()
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the attempt ran past its handler's ``timeout``."""
+        deadline = self.deadline
+        return deadline is not None and time.monotonic() > deadline
+
+    def time_left(self) -> float | None:
+        """Seconds until the timeout (negative once past it), or ``None`` without a timeout."""
+        deadline = self.deadline
+        return None if deadline is None else deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise if the attempt should stop: cancelled, timed out, or no longer ours."""
+        if self._lost.is_set():
+            raise ClaimLostError(f"task {self.task_id} attempt {self.attempt} is no longer ours")
+        if self._cancel_requested.is_set():
+            raise TaskCancelledError(f"task {self.task_id} was cancelled")
+        if self.timed_out:
+            raise TaskTimeoutError(self.timeout_message())
+
+    def timeout_message(self) -> str:
+        """The error message of a timed-out attempt."""
+        return f"task {self.task_id} ({self.kind}) timed out after {self.timeout:g} s"
+
+    def request_cancel(self) -> None:
+        """Mark the attempt cancelled (the worker calls this)."""
+        self._cancel_requested.set()
+
+    def mark_lost(self) -> None:
+        """Mark the attempt lost (the worker calls this)."""
+        self._lost.set()
+
+
+_current: contextvars.ContextVar[AttemptContext | None] = contextvars.ContextVar(
+    "sqla_pgotask_attempt", default=None
+)
+
+
+def current_attempt() -> AttemptContext:
+    """The attempt the calling handler is running; raises ``LookupError`` outside a handler."""
+    ctx = _current.get()
+    if ctx is None:
+        raise LookupError("current_attempt() is only available inside a task handler")
+    return ctx
+
+
+def set_current(ctx: AttemptContext | None) -> contextvars.Token[AttemptContext | None]:
+    """Make ``ctx`` the current attempt (the worker calls this)."""
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[AttemptContext | None]) -> None:
+    """Undo :func:`set_current`."""
+    _current.reset(token)
