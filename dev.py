@@ -3,6 +3,8 @@
 
     python3 dev.py test [PYTEST ARGS]   lint, type-check and run the whole test suite
     python3 dev.py demo                  see it work (embedded PostgreSQL if no URL is set)
+    python3 dev.py compat [PYTEST ARGS] the fast tests again on the oldest supported
+                                         SQLAlchemy (2.0), in ./.venv-sqlalchemy20
 
 Both create ./.venv and install the project into it (editable, with test
 extras) the first time, and whenever pyproject.toml changed since.  The tests
@@ -21,9 +23,11 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+BIN_DIR = "Scripts" if os.name == "nt" else "bin"
 VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-STAMP = VENV / ".pgotask-installed"
+BIN = VENV / BIN_DIR
+COMPAT_VENV = ROOT / ".venv-sqlalchemy20"
+COMPAT_PIN = "sqlalchemy>=2.0.30,<2.1"
 
 
 def run(*cmd: str | os.PathLike[str]) -> None:
@@ -33,16 +37,20 @@ def run(*cmd: str | os.PathLike[str]) -> None:
         sys.exit(code)
 
 
-def ensure_venv() -> None:
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
-        return
-    if not (BIN / "python").exists():
-        print(f"+ creating {VENV}", flush=True)
-        venv.create(VENV, with_pip=True)
-    run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[test]")
-    STAMP.write_text(wanted)
+def ensure_venv(where: Path = VENV, *extra: str) -> Path:
+    """Create ``where`` and install the project into it, unless done for this pyproject."""
+    bin_dir = where / BIN_DIR
+    stamp = where / ".pgotask-installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr(extra).encode())
+    if stamp.exists() and stamp.read_text() == wanted.hexdigest():
+        return bin_dir
+    if not (bin_dir / "python").exists():
+        print(f"+ creating {where}", flush=True)
+        venv.create(where, with_pip=True)
+    run(bin_dir / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(bin_dir / "python", "-m", "pip", "install", "--quiet", "-e", ".[test]", *extra)
+    stamp.write_text(wanted.hexdigest())
+    return bin_dir
 
 
 def test(args: list[str]) -> None:
@@ -53,9 +61,22 @@ def test(args: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo"}:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo", "compat"}:
         print(__doc__)
         sys.exit(2)
+    if sys.argv[1] == "compat":
+        compat_bin = ensure_venv(COMPAT_VENV, COMPAT_PIN)
+        run(
+            compat_bin / "python",
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            *sys.argv[2:],
+        )
+        return
     ensure_venv()
     if sys.argv[1] == "test":
         test(sys.argv[2:])

@@ -108,6 +108,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             queues=args.queue or None,
             poll_interval=args.poll_interval,
+            shutdown_grace=args.shutdown_grace,
         )
     except _StoppedBeforeStart:
         logger.info("worker stopped before it started")
@@ -167,6 +168,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pgotask``."""
     parser = argparse.ArgumentParser(
@@ -199,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="seconds between polls when no notification arrives",
+    )
+    worker.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=None,
+        help="seconds running tasks get to finish after SIGTERM/SIGINT "
+        "(default: the Scheduler's setting)",
     )
     worker.set_defaults(func=cmd_worker)
 

@@ -236,6 +236,29 @@ def test_sigterm_finishes_running_tasks(
     assert {row.worker_pid for row in ledger} == {worker.pid}
 
 
+def test_sigterm_after_the_grace_period_gives_running_tasks_back(
+    database_url: str,
+    ledger_engine: Engine,
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+) -> None:
+    with pgotask_worker(
+        database_url, tmp_path, "--concurrency", "1", "--shutdown-grace", "0.5"
+    ) as worker:
+        worker.wait_started()
+        with session_factory.begin() as session:
+            session.add(Task(kind="sleep", payload={"seconds": 120}))
+        wait_until(lambda: _count_running(session_factory) == 1, 10, message="a running task")
+        sent = time.monotonic()
+        worker.send(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0
+        assert time.monotonic() - sent < 10
+        assert "grace period over: giving back 1 running tasks" in worker.log()
+    # Available again at once, not after the lease; the interrupted attempt is recorded.
+    ((status, attempts),) = _statuses(session_factory).values()
+    assert (status, attempts) == (TaskStatus.PENDING, 1)
+
+
 def test_second_sigint_exits_at_once(
     database_url: str,
     ledger_engine: Engine,

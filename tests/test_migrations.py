@@ -56,8 +56,9 @@ OBJECTS_SQL = {
     "index": "SELECT indexname FROM pg_indexes WHERE starts_with(tablename, 'pgotask_')",
     "function": "SELECT proname FROM pg_proc WHERE starts_with(proname, 'pgotask_')",
     "trigger": "SELECT tgname FROM pg_trigger WHERE starts_with(tgname, 'pgotask_')",
+    # contype 'n': PostgreSQL 18 lists NOT NULL constraints too; they go with their columns.
     "constraint": "SELECT conname FROM pg_constraint WHERE conrelid::regclass::text "
-    "LIKE 'pgotask\\_%'",
+    "LIKE 'pgotask\\_%' AND contype <> 'n'",
 }
 
 UPGRADE_HEADS_HINT = "'alembic upgrade heads'"

@@ -416,3 +416,40 @@ def test_cancel_requested_after_the_last_check_still_wins(app: sessionmaker[Sess
     scheduler.run_until_idle()
     assert status_of(app, task_id) is TaskStatus.CANCELLED
     assert ledger_ids(app) == []
+
+
+# -- outages ---------------------------------------------------------------------
+
+
+def test_application_exhausting_the_pool_does_not_deadlock_the_worker(
+    database_url: str, engine: Engine
+) -> None:
+    from sqlalchemy import create_engine
+
+    AppBase.metadata.create_all(engine)
+    small = create_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+    try:
+        app = sessionmaker(small)
+        scheduler = ledger_scheduler(app, lease_seconds=1.2)
+
+        @scheduler.handler("slow")
+        def slow(session: Session, task: Task) -> None:
+            time.sleep(2.5)  # longer than the lease: only heartbeats keep it
+            session.add(Ledger(task_id=task.id))
+
+        other = sessionmaker(engine)  # enqueue through another pool
+        with running(scheduler, concurrency=1):
+            (slow_id,) = add_tasks(other, Task(kind="slow"))
+            wait_until(lambda: get_task(other, slow_id).status is TaskStatus.RUNNING)
+            # The application takes the one remaining connection and holds it.
+            held = small.connect()
+            held.execute(text("SELECT 1"))
+            (quick_id,) = add_tasks(other, Task(kind="ledger"))
+            time.sleep(3)
+            assert get_task(other, slow_id).status is TaskStatus.SUCCEEDED
+            assert get_task(other, slow_id).attempts == 1  # never rescued
+            held.close()
+            wait_until(lambda: get_task(other, quick_id).status is TaskStatus.SUCCEEDED)
+        assert errors_of(other, slow_id) == []
+    finally:
+        small.dispose()
