@@ -194,15 +194,6 @@ class TaskRunner:
         final = attempt >= max_attempts or not handler.retryable(exc)
         status = TaskStatus.FAILED if final else TaskStatus.PENDING
         delay = 0.0 if final else handler.retry.delay(attempt)
-        logger.warning(
-            "task %s (%s) attempt %s failed: %s: %s",
-            ctx.task_id,
-            ctx.kind,
-            attempt,
-            type(exc).__name__,
-            exc,
-            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": attempt},
-        )
         with session.begin():
             recorded = session.execute(
                 query("fail"),
@@ -219,7 +210,18 @@ class TaskRunner:
             )
             if recorded.rowcount != 1:  # type: ignore[attr-defined]
                 return Outcome.LOST
-        return Outcome.FAILED if final else Outcome.RETRY
+        outcome = Outcome.FAILED if final else Outcome.RETRY
+        logger.warning(
+            "task %s (%s) attempt %s failed: %s: %s%s",
+            ctx.task_id,
+            ctx.kind,
+            attempt,
+            type(exc).__name__,
+            exc,
+            "" if final else f" (retry in {delay:.1f}s)",
+            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": attempt},
+        )
+        return outcome
 
 
 def new_context(task: Task, handler: Handler) -> AttemptContext:

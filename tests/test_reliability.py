@@ -453,3 +453,24 @@ def test_application_exhausting_the_pool_does_not_deadlock_the_worker(
         assert errors_of(other, slow_id) == []
     finally:
         small.dispose()
+
+
+def test_a_row_locked_by_the_application_does_not_hold_up_other_heartbeats(
+    app: sessionmaker[Session],
+) -> None:
+    scheduler = ledger_scheduler(app)
+
+    @scheduler.handler("slow")
+    def slow(session: Session, task: Task) -> None:
+        time.sleep(3.0)
+        session.add(Ledger(task_id=task.id))
+
+    a, b = add_tasks(app, Task(kind="slow"), Task(kind="slow"))
+    with running(scheduler, concurrency=2):
+        wait_until(lambda: all(status_of(app, t) is TaskStatus.RUNNING for t in (a, b)))
+        with app.begin() as session:  # e.g. an uncommitted cancel, held for a while
+            session.execute(select(Task).where(Task.id == b).with_for_update())
+            time.sleep(2 * FAST["lease_seconds"])
+        wait_until(lambda: status_of(app, a) is TaskStatus.SUCCEEDED, timeout=10)
+    assert get_task(app, a).attempts == 1  # its lease never lapsed
+    assert errors_of(app, a) == []

@@ -157,21 +157,33 @@ DELETE FROM pgotask_worker WHERE id = :worker;
 
 -- name: heartbeat
 -- One statement per interval for all of a worker's tasks: extend the leases
--- of the attempts it still owns (and is still willing to run), refresh its
--- registry row (re-creating it if it was pruned), and report which of its
--- tasks have a cancellation request.  Ids missing from the result are no
--- longer this worker's.
+-- of the attempts it still owns, refresh its registry row (re-creating it if
+-- it was pruned), and report which of its tasks are still its own and which
+-- have a cancellation request.  Ids missing from the result are no longer
+-- this worker's.  A row another transaction holds locked (say, an
+-- application's uncommitted cancel) is skipped, not waited for: one busy row
+-- must not hold up the leases of all the others.
 WITH me AS (
     INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency)
     VALUES (:worker, :host, :pid, :node, CAST(:kinds AS text[]), CAST(:queues AS text[]),
             :concurrency)
     ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+),
+mine AS (
+    SELECT t.id, t.cancel_requested_at
+    FROM pgotask_task AS t
+    JOIN unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
+        ON t.id = a.id
+    WHERE t.status = 'running' AND t.attempts = a.attempt
+),
+extended AS (
+    UPDATE pgotask_task AS t
+    SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+    FROM (SELECT id FROM pgotask_task WHERE id IN (SELECT id FROM mine)
+          FOR UPDATE SKIP LOCKED) AS free
+    WHERE t.id = free.id
 )
-UPDATE pgotask_task AS t
-SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
-FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
-WHERE t.id = a.id AND t.status = 'running' AND t.attempts = a.attempt
-RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+SELECT id, cancel_requested_at IS NOT NULL AS cancel_requested FROM mine;
 
 -- name: node_peers
 -- Other workers on this node (same kernel boot and pid namespace): their
