@@ -86,7 +86,6 @@ class TaskRunner:
             ctx = new_context(task, handler)
         ctx.begin()
         task_id, attempt, kind = task.id, task.attempts, task.kind
-        max_attempts = task.max_attempts or handler.max_attempts
         session = self.session
         token = set_current(ctx)
         try:
@@ -94,7 +93,7 @@ class TaskRunner:
                 outcome = self._run_handler(session, handler, task, ctx)
             except Exception as exc:
                 _rollback(session)
-                outcome = self._after_exception(session, handler, ctx, max_attempts, exc)
+                outcome = self._after_exception(session, handler, ctx, exc)
         finally:
             reset_current(token)
             session.close()
@@ -157,12 +156,16 @@ class TaskRunner:
         root.rollback()
         return self._finish_cancelled(session, ctx)
 
+    def record_failure(self, ctx: AttemptContext, exc: Exception) -> Outcome:
+        """Record, once the database is back, an attempt whose outcome could not be written."""
+        self.session.close()
+        return self._record_failure(self.session, self.handlers[ctx.kind], ctx, exc)
+
     def _after_exception(
         self,
         session: Session,
         handler: Handler,
         ctx: AttemptContext,
-        max_attempts: int,
         exc: Exception,
     ) -> Outcome:
         if ctx.lost:
@@ -173,7 +176,7 @@ class TaskRunner:
             timeout = TaskTimeoutError(ctx.timeout_message())
             timeout.__cause__ = exc
             exc = timeout
-        return self._record_failure(session, handler, ctx, max_attempts, exc)
+        return self._record_failure(session, handler, ctx, exc)
 
     def _finish_cancelled(self, session: Session, ctx: AttemptContext) -> Outcome:
         with session.begin():
@@ -187,11 +190,10 @@ class TaskRunner:
         session: Session,
         handler: Handler,
         ctx: AttemptContext,
-        max_attempts: int,
         exc: Exception,
     ) -> Outcome:
         attempt = ctx.attempt
-        final = attempt >= max_attempts or not handler.retryable(exc)
+        final = attempt >= ctx.max_attempts or not handler.retryable(exc)
         status = TaskStatus.FAILED if final else TaskStatus.PENDING
         delay = 0.0 if final else handler.retry.delay(attempt)
         with session.begin():
@@ -227,7 +229,11 @@ class TaskRunner:
 def new_context(task: Task, handler: Handler) -> AttemptContext:
     """The context of the attempt about to run ``task``."""
     return AttemptContext(
-        task_id=task.id, kind=task.kind, attempt=task.attempts, timeout=handler.timeout
+        task_id=task.id,
+        kind=task.kind,
+        attempt=task.attempts,
+        max_attempts=task.max_attempts or handler.max_attempts,
+        timeout=handler.timeout,
     )
 
 

@@ -48,14 +48,19 @@ def node_id() -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this node."""
+    """Whether a live process (not a zombie waiting to be reaped) has this pid on this node."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "pid (comm) state ...": comm may hold spaces and parentheses.
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 @dataclass(frozen=True)

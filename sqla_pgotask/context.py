@@ -32,6 +32,8 @@ class AttemptContext:
     task_id: int
     kind: str
     attempt: int
+    #: The attempts the task may use (its own setting, else its handler's).
+    max_attempts: int = 1
     #: The handler's ``timeout`` in seconds, if it has one.
     timeout: float | None = None
     #: ``time.monotonic()`` when the handler started (``None`` while queued).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import secrets
 import socket
 import threading
@@ -177,9 +178,11 @@ class Worker:
                     )
                     failures = 0
                 except Exception as exc:
+                    # The first retry is quick: after a restart or a killed
+                    # connection the pool has already dropped its dead ones.
                     failures += 1
-                    delay = min(settings.poll_interval * failures, 10.0)
-                    logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                    delay = min(0.05 * 2 ** (failures - 1), settings.poll_interval, 5.0)
+                    logger.warning("claim failed (%s); retrying in %.2fs", exc, delay)
                     self._stopping.wait(delay)
                     continue
                 for task in tasks:
@@ -187,12 +190,9 @@ class Worker:
                     with self._lock:
                         self._in_flight[task.id] = ctx
                     self._work.put((task, ctx))
-                if len(tasks) == free:
-                    # A full batch: more may be due.  Claim again as soon as a
-                    # handler thread frees up.
-                    self._wake.wait(settings.poll_interval)
-                    continue
-            self._wake.wait(settings.poll_interval)
+            # Jitter, so idle workers woken by the same notification do not
+            # go on polling in step.
+            self._wake.wait(settings.poll_interval * random.uniform(0.9, 1.1))
 
     def _handler_loop(self) -> None:
         runner = TaskRunner(self.session_factory, self.handlers, self.worker_id)
@@ -205,21 +205,46 @@ class Worker:
                 task_id = ctx.task_id  # the task object expires when its transaction ends
                 with self._lock:
                     self._running[task_id] = ctx
+                outcome: Outcome | None
                 try:
                     outcome = runner.run(task, ctx)
-                    with self._lock:
+                except Exception as exc:
+                    # The database failed under the attempt (a restart, a
+                    # killed connection): its transaction is gone.  Record
+                    # that as soon as the database answers again, rather
+                    # than leave the task to wait for its lease.
+                    outcome = self._record_when_possible(runner, ctx, exc)
+                with self._lock:
+                    if outcome is not None:
                         self.stats.count(outcome)
-                except Exception:
-                    # The database failed while recording the outcome; the
-                    # task stays claimed until its lease expires.
-                    logger.exception("task %s (%s): could not record outcome", task_id, ctx.kind)
-                finally:
-                    with self._lock:
-                        self._in_flight.pop(task_id, None)
-                        self._running.pop(task_id, None)
-                    self._wake.set()
+                    self._in_flight.pop(task_id, None)
+                    self._running.pop(task_id, None)
+                self._wake.set()
         finally:
             runner.close()
+
+    def _record_when_possible(
+        self, runner: TaskRunner, ctx: AttemptContext, exc: Exception
+    ) -> Outcome | None:
+        logger.warning(
+            "task %s (%s) attempt %s: database failed (%s); recording it when it is back",
+            ctx.task_id,
+            ctx.kind,
+            ctx.attempt,
+            exc,
+        )
+        delay = 0.05
+        deadline = time.monotonic() + self.settings.timing.lease
+        while time.monotonic() < deadline and not ctx.lost:
+            try:
+                return runner.record_failure(ctx, exc)
+            except Exception:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        logger.error(
+            "task %s (%s): outcome not recorded; its lease will expire", ctx.task_id, ctx.kind
+        )
+        return None
 
     def _shutdown(self) -> None:
         # 1. Claimed tasks no handler started: back to pending, attempt refunded.

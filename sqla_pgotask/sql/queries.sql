@@ -131,7 +131,6 @@ WITH released AS (
     SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
                       WHEN t.attempts >= t.max_attempts THEN 'failed'
                       ELSE 'pending' END,
-        run_at = now(),
         finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL
                                 OR t.attempts >= t.max_attempts
                            THEN clock_timestamp() END,
@@ -202,7 +201,8 @@ RETURNING id;
 -- Give back running tasks whose lease expired or whose worker is gone
 -- (:gone, pruned in this same transaction).  The lost attempt counts and is
 -- recorded; a task out of attempts ends 'failed', so a task that kills its
--- worker every time stops.  SKIP LOCKED and the status guard make concurrent
+-- worker every time stops.  run_at is kept: a rescued task keeps its place in
+-- the queue instead of going behind everything due meanwhile.  SKIP LOCKED and the status guard make concurrent
 -- rescuers, and a completion racing with a rescue, harmless.
 WITH lost AS (
     SELECT id, locked_by,
@@ -221,7 +221,6 @@ rescued AS (
                       WHEN t.attempts >= COALESCE(t.max_attempts, :default_max_attempts)
                       THEN 'failed'
                       ELSE 'pending' END,
-        run_at = now(),
         finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL
                                 OR t.attempts >= COALESCE(t.max_attempts, :default_max_attempts)
                            THEN clock_timestamp() END,

@@ -1,0 +1,589 @@
+"""Shared machinery of the fault-injection suite.
+
+* :class:`Fleet`: ``pgotask worker tests.apps.faulty:scheduler`` processes
+  that a test kills, stops and respawns;
+* :class:`Probe`: the test's own view of the database (it survives server
+  restarts: ``pool_pre_ping`` and retried queries);
+* :func:`check_ledger` / :meth:`LedgerCheck.assert_clean`: the end-of-run
+  invariants (every task succeeded exactly once, nothing left running, no
+  attempt beyond ``max_attempts``);
+* :class:`ScenarioResult` / :func:`report`: the one-line summary of a
+  scenario, also appended as JSON to the file named by
+  ``PGOTASK_FAULT_RESULTS``; ``python -m tests.faults.harness FILE`` turns
+  that file into the table of ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
+
+from sqla_pgotask.migrate import upgrade
+from tests.apps.faulty import SCHEDULER, create_ledger
+from tests.processes import (
+    PROJECT_ROOT,
+    WorkerProcess,
+    pgotask_env,
+    pgotask_executable,
+)
+
+RESULTS_ENV = "PGOTASK_FAULT_RESULTS"
+
+T = TypeVar("T")
+
+
+# -- databases ---------------------------------------------------------------
+
+
+def url_for(server_url: str, database: str) -> str:
+    """``server_url`` pointing at another database."""
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def admin_execute(server_url: str, *statements: str) -> None:
+    """Run ``statements`` in autocommit on ``server_url``."""
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    finally:
+        admin.dispose()
+
+
+def prepare_database(url: str) -> None:
+    """Install the library's tables and the faulty app's ledger in the database at ``url``."""
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        create_ledger(engine)
+    finally:
+        engine.dispose()
+
+
+def epoch(value: dt.datetime | None) -> float | None:
+    """A database timestamp as ``time.time()`` seconds (same machine, same clock)."""
+    return None if value is None else value.timestamp()
+
+
+class Probe:
+    """The test's connection to the database under test.
+
+    Its read-only queries retry while the server is down or restarting, so a
+    test can keep watching through a restart; writes are not retried (a
+    commit whose acknowledgement was lost would be repeated).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True, pool_size=2)
+
+    def close(self) -> None:
+        """Dispose of the engine."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retrying(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fn()
+            except DBAPIError as exc:
+                transient = exc.connection_invalidated or _is_transient(exc)
+                if not transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def rows(self, sql: str, **params: object) -> list[Any]:
+        """All rows of ``sql`` (retried on connection failures)."""
+
+        def run() -> list[Any]:
+            with self.engine.connect() as conn:
+                return list(conn.execute(text(sql), params).all())
+
+        return self._retrying(run)
+
+    def scalar(self, sql: str, **params: object) -> Any:
+        """The single value of ``sql``."""
+        rows = self.rows(sql, **params)
+        return rows[0][0] if rows else None
+
+    def execute(self, sql: str, **params: object) -> None:
+        """Run ``sql`` in its own committed transaction (not retried: it may write)."""
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params)
+
+    def enqueue(
+        self, count: int, kind: str = "ledger", payload: dict[str, Any] | None = None
+    ) -> float:
+        """Insert ``count`` tasks in one transaction; return ``time.time()`` after the commit."""
+        body = json.dumps(payload or {})
+        self.execute(
+            "INSERT INTO pgotask_task (kind, payload) "
+            "SELECT :kind, CAST(:payload AS jsonb) FROM generate_series(1, :count)",
+            kind=kind,
+            payload=body,
+            count=count,
+        )
+        return time.time()
+
+    def enqueue_one(self, kind: str = "ledger", payload: dict[str, Any] | None = None) -> int:
+        """Insert one task, return its id."""
+        task_id: int = self.scalar_tx(
+            "INSERT INTO pgotask_task (kind, payload) VALUES (:kind, CAST(:payload AS jsonb)) "
+            "RETURNING id",
+            kind=kind,
+            payload=json.dumps(payload or {}),
+        )
+        return task_id
+
+    def scalar_tx(self, sql: str, **params: object) -> Any:
+        """The single value of ``sql``, run in its own committed transaction (not retried)."""
+        with self.engine.begin() as conn:
+            return conn.execute(text(sql), params).scalar_one()
+
+    def count(self, where: str = "TRUE", **params: object) -> int:
+        """Tasks matching ``where``."""
+        return int(self.scalar(f"SELECT count(*) FROM pgotask_task WHERE {where}", **params))
+
+    def unfinished(self) -> int:
+        """Tasks still pending or running."""
+        return self.count("status IN ('pending', 'running')")
+
+    def running_ids(self) -> list[int]:
+        """Ids of the running tasks."""
+        return [row[0] for row in self.rows("SELECT id FROM pgotask_task WHERE status = 'running'")]
+
+    def done_at(self, ids: Sequence[int]) -> float | None:
+        """When the last of ``ids`` finished (``None`` if one has not)."""
+        if not ids:
+            return None
+        pending, last = self.rows(
+            "SELECT count(*) FILTER (WHERE finished_at IS NULL), max(finished_at) "
+            "FROM pgotask_task WHERE id = ANY(:ids)",
+            ids=list(ids),
+        )[0]
+        return None if pending else epoch(last)
+
+    def first_finished_after(self, moment: float) -> float | None:
+        """When the first task finished after ``moment`` (``time.time()`` seconds)."""
+        value = self.scalar(
+            "SELECT min(finished_at) FROM pgotask_task WHERE finished_at > to_timestamp(:t)",
+            t=moment,
+        )
+        return epoch(value)
+
+    def last_finished(self) -> float | None:
+        """When the last task finished."""
+        return epoch(self.scalar("SELECT max(finished_at) FROM pgotask_task"))
+
+    def backends(self, query_like: str | None = None) -> list[int]:
+        """Pids of the other client backends of this database (query LIKE ``query_like``)."""
+        sql = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        if query_like is not None:
+            sql += " AND query LIKE :pattern"
+        return [row[0] for row in self.rows(sql, pattern=query_like)]
+
+    def terminate(self, query_like: str | None = None) -> int:
+        """``pg_terminate_backend`` the other backends of this database; return how many."""
+        sql = (
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'"
+        )
+        if query_like is not None:
+            sql += " AND query LIKE :pattern"
+        return int(self.scalar(sql, pattern=query_like))
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    message = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+    return any(
+        word in message
+        for word in ("terminat", "shutting down", "starting up", "recovery", "closed", "connection")
+    )
+
+
+# -- waiting -----------------------------------------------------------------
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    message: str = "condition",
+    tick: Callable[[], object] | None = None,
+) -> T:
+    """Call ``predicate`` (and ``tick``, e.g. respawning dead workers) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if tick is not None:
+            tick()
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+# -- worker processes ----------------------------------------------------------
+
+
+class Fleet:
+    """Worker processes of the faulty app, killed and respawned by a test.
+
+    Every process ends with the fleet (SIGKILL if still alive).  Their logs
+    are printed only when the block exits with an exception, so that
+    ``pytest -s`` shows the scenario summaries, not thousands of log lines.
+    """
+
+    def __init__(
+        self, database_url: str, log_dir: Path, *args: str, scheduler: str = SCHEDULER
+    ) -> None:
+        self.database_url = database_url
+        self.log_dir = log_dir
+        self.args = args
+        self.scheduler = scheduler
+        self.all: list[WorkerProcess] = []
+        self.spawned = 0
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(show_logs=exc_type is not None)
+
+    @property
+    def alive(self) -> list[WorkerProcess]:
+        """The processes still running."""
+        return [w for w in self.all if w.alive()]
+
+    def spawn(self) -> WorkerProcess:
+        """Start one more worker (without waiting for it to start)."""
+        log_path = self.log_dir / f"worker{self.spawned}.log"
+        self.spawned += 1
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [pgotask_executable(), "worker", self.scheduler, *self.args],
+                cwd=PROJECT_ROOT,
+                env=pgotask_env(self.database_url),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        worker = WorkerProcess(process, log_path)
+        self.all.append(worker)
+        return worker
+
+    def start(self, count: int, *, timeout: float = 30.0) -> list[WorkerProcess]:
+        """Start ``count`` workers and wait until each is claiming."""
+        workers = [self.spawn() for _ in range(count)]
+        for worker in workers:
+            worker.wait_started(timeout)
+        return workers
+
+    def kill9(self, worker: WorkerProcess) -> float:
+        """SIGKILL ``worker`` and reap it; return ``time.time()`` of the kill.
+
+        Reaping matters: a zombie still has its pid, so other workers' pid
+        check would think it alive until the lease runs out.
+        """
+        moment = time.time()
+        worker.send(signal.SIGKILL)
+        worker.wait(10)
+        return moment
+
+    def respawn_dead(self, target: int) -> list[WorkerProcess]:
+        """Reap dead workers and start new ones until ``target`` are alive; return the dead."""
+        dead = [w for w in self.all if w.process.returncode is None and not w.alive()]
+        for _ in range(target - len(self.alive)):
+            self.spawn()
+        return dead
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Wait until every live worker is claiming (a SIGTERM before that just kills it)."""
+        for worker in self.alive:
+            worker.wait_started(timeout)
+
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """SIGTERM every live worker; return their exit codes."""
+        workers = self.alive
+        for worker in workers:
+            worker.send(signal.SIGTERM)
+        return [worker.wait(timeout) for worker in workers]
+
+    def logs(self) -> str:
+        """Every worker's log."""
+        return "\n".join(
+            f"----- {w.log_path.name} (pid {w.pid}, exit {w.process.returncode}) -----\n{w.log()}"
+            for w in self.all
+        )
+
+    def close(self, *, show_logs: bool = False) -> None:
+        """Kill what still runs; print the logs if asked."""
+        for worker in self.all:
+            if worker.alive():
+                worker.process.kill()
+            worker.process.wait()
+        if show_logs:
+            print(self.logs())
+
+
+# -- end-of-run checks -----------------------------------------------------------
+
+
+@dataclass
+class LedgerCheck:
+    """What the task table and the ledger say at the end of a run."""
+
+    tasks: int
+    by_status: dict[str, int]
+    ledger_rows: int
+    ledger_tasks: int
+    #: Ledger rows of tasks that did not succeed (a write committed without its completion).
+    orphan_rows: int
+    #: Succeeded tasks without a ledger row.
+    missing_rows: int
+    #: Attempts that hit the ledger's UNIQUE constraint: a second run of a committed task.
+    unique_violations: int
+    running: int
+    over_attempts: int
+    #: Tasks that needed more than one attempt.
+    rerun: int
+    max_attempts_seen: int
+    errors_by_type: dict[str, int]
+
+    @property
+    def succeeded(self) -> int:
+        """Tasks that succeeded."""
+        return self.by_status.get("succeeded", 0)
+
+    @property
+    def lost(self) -> int:
+        """Tasks that did not succeed."""
+        return self.tasks - self.succeeded
+
+    @property
+    def duplicated(self) -> int:
+        """Ledger rows beyond one per task, plus second runs caught by the constraint."""
+        return self.ledger_rows - self.ledger_tasks + self.unique_violations
+
+    def assert_clean(self, expected_tasks: int) -> None:
+        """Every task succeeded exactly once; nothing running; attempts within bounds."""
+        problems = []
+        if self.tasks != expected_tasks:
+            problems.append(f"{self.tasks} tasks, expected {expected_tasks}")
+        if self.succeeded != self.tasks:
+            problems.append(f"not all succeeded: {self.by_status}")
+        if self.ledger_rows != self.tasks or self.ledger_tasks != self.tasks:
+            problems.append(
+                f"ledger has {self.ledger_rows} rows for {self.ledger_tasks} tasks, "
+                f"expected {self.tasks}"
+            )
+        for name in ("orphan_rows", "missing_rows", "unique_violations", "running"):
+            if getattr(self, name):
+                problems.append(f"{name} = {getattr(self, name)}")
+        if self.over_attempts:
+            problems.append(f"{self.over_attempts} tasks have attempts > max_attempts")
+        assert not problems, "; ".join(problems) + f" ({self})"
+
+
+def check_ledger(probe: Probe, kinds: Sequence[str] = ("ledger",)) -> LedgerCheck:
+    """Read the end-of-run state of the tasks of ``kinds`` and their ledger rows."""
+    kind_list = list(kinds)
+    by_status = {
+        status: count
+        for status, count in probe.rows(
+            "SELECT status, count(*) FROM pgotask_task WHERE kind = ANY(:kinds) GROUP BY status",
+            kinds=kind_list,
+        )
+    }
+    (
+        tasks,
+        running,
+        over,
+        rerun,
+        max_seen,
+    ) = probe.rows(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'running'), "
+        "count(*) FILTER (WHERE attempts > max_attempts), "
+        "count(*) FILTER (WHERE attempts > 1), coalesce(max(attempts), 0) "
+        "FROM pgotask_task WHERE kind = ANY(:kinds)",
+        kinds=kind_list,
+    )[0]
+    ledger_rows, ledger_tasks, orphans = probe.rows(
+        "SELECT count(*), count(DISTINCT l.task_id), "
+        "count(*) FILTER (WHERE t.status IS DISTINCT FROM 'succeeded') "
+        "FROM fault_ledger l LEFT JOIN pgotask_task t ON t.id = l.task_id "
+        "WHERE t.kind = ANY(:kinds) OR t.id IS NULL",
+        kinds=kind_list,
+    )[0]
+    missing = probe.scalar(
+        "SELECT count(*) FROM pgotask_task t WHERE t.kind = ANY(:kinds) "
+        "AND t.status = 'succeeded' "
+        "AND NOT EXISTS (SELECT 1 FROM fault_ledger l WHERE l.task_id = t.id)",
+        kinds=kind_list,
+    )
+    errors = Counter(
+        {
+            kind: count
+            for kind, count in probe.rows(
+                "SELECT e.exception_type, count(*) FROM pgotask_task_error e "
+                "JOIN pgotask_task t ON t.id = e.task_id WHERE t.kind = ANY(:kinds) "
+                "GROUP BY e.exception_type",
+                kinds=kind_list,
+            )
+        }
+    )
+    unique = probe.scalar(
+        "SELECT count(*) FROM pgotask_task_error e JOIN pgotask_task t ON t.id = e.task_id "
+        "WHERE t.kind = ANY(:kinds) AND (e.exception_type ILIKE '%IntegrityError%' "
+        "OR e.message ILIKE '%fault_ledger_task_id_key%')",
+        kinds=kind_list,
+    )
+    return LedgerCheck(
+        tasks=tasks,
+        by_status=dict(sorted(by_status.items())),
+        ledger_rows=ledger_rows,
+        ledger_tasks=ledger_tasks,
+        orphan_rows=orphans,
+        missing_rows=missing,
+        unique_violations=unique,
+        running=running,
+        over_attempts=over,
+        rerun=rerun,
+        max_attempts_seen=max_seen,
+        errors_by_type=dict(sorted(errors.items())),
+    )
+
+
+# -- reporting -----------------------------------------------------------------
+
+
+@dataclass
+class ScenarioResult:
+    """The figures of one scenario run."""
+
+    scenario: str
+    tasks: int
+    faults: int
+    lost: int
+    duplicated: int
+    #: Seconds to recover from the worst fault (what is measured: ``recover_what``).
+    recover_s: float | None
+    total_s: float
+    recover_what: str = ""
+    #: Anything else worth reporting (latencies, throughput, attempts, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The one-line summary."""
+        recover = "-" if self.recover_s is None else f"{self.recover_s:.2f}s"
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.extra.items())
+        return (
+            f"[fault] {self.scenario}: tasks={self.tasks} faults={self.faults} "
+            f"lost={self.lost} duplicated={self.duplicated} recover={recover} "
+            f"total={self.total_s:.1f}s {extra}"
+        ).rstrip()
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def report(result: ScenarioResult) -> None:
+    """Print the summary line; append it as JSON to ``$PGOTASK_FAULT_RESULTS`` if set."""
+    print("\n" + result.line())
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        record = asdict(result)
+        record["recorded_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median and max of ``values`` (rounded, for reports)."""
+    if not values:
+        return {}
+    return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+
+
+def render_table(records: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table of ``docs/reliability.md``: the latest record of each scenario.
+
+    Scenario names start with their number, so sorting by name orders them.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        latest[record["scenario"]] = record
+    lines = [
+        "| scenario | tasks | faults injected | lost | duplicated | time to recover | total |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in sorted(latest.items()):
+        recover = "-" if r["recover_s"] is None else f"{r['recover_s']:.2f} s"
+        if r.get("recover_what"):
+            recover += f" ({r['recover_what']})"
+        lines.append(
+            f"| {name} | {r['tasks']} | {r['faults']} | {r['lost']} | {r['duplicated']} "
+            f"| {recover} | {r['total_s']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stopwatch() -> Iterator[Callable[[], float]]:
+    """``with stopwatch() as elapsed: ...``; ``elapsed()`` is seconds since the block began."""
+    start = time.monotonic()
+    yield lambda: time.monotonic() - start
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m tests.faults.harness RESULTS.jsonl``: print the Markdown table."""
+    if len(argv) != 1:
+        print("usage: python -m tests.faults.harness RESULTS.jsonl", file=sys.stderr)
+        return 2
+    with open(argv[0], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    print(render_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
