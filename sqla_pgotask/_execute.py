@@ -79,7 +79,8 @@ class TaskRunner:
         """Run ``task``'s handler and record the outcome; never raises for handler errors.
 
         Raises only if the database fails while the outcome is recorded; the
-        task then stays claimed until its lease expires.
+        caller then records the failure once the database answers again
+        (:meth:`record_failure`).
         """
         handler = self.handlers[task.kind]
         if ctx is None:

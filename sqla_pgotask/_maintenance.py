@@ -214,7 +214,9 @@ class Maintenance:
                                 time.monotonic()
                                 + self.timing.maintenance_interval * (0.8 + 0.4 * random.random())
                             )
-                        self._beat.wait(self.timing.heartbeat_interval)
+                        # Wake for whichever comes first: the next heartbeat or maintenance.
+                        until_maintenance = max(0.0, next_maintenance - time.monotonic())
+                        self._beat.wait(min(self.timing.heartbeat_interval, until_maintenance))
             except Exception as exc:
                 if self._stopping.is_set():
                     return
@@ -222,4 +224,6 @@ class Maintenance:
                     "heartbeat connection failed (%s); reconnecting in %.1fs", exc, backoff
                 )
                 self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # Never longer than a heartbeat: leases must be renewed as
+                # soon as the database is back.
+                backoff = min(backoff * 2, self.timing.heartbeat_interval)

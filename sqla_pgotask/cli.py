@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -76,7 +76,7 @@ class _StoppedBeforeStart(BaseException):
     """
 
 
-def _install_stop_signals(scheduler: Scheduler) -> None:
+def _install_stop_signals(scheduler: Callable[[], Scheduler | None]) -> None:
     """SIGINT/SIGTERM stop gracefully; a second one exits at once."""
     received: list[int] = []
 
@@ -89,11 +89,12 @@ def _install_stop_signals(scheduler: Scheduler) -> None:
             "%s: stopping after in-flight tasks (send it again to exit now)",
             signal.Signals(signum).name,
         )
-        if scheduler.running_worker is None:
+        current = scheduler()
+        if current is None or current.running_worker is None:
             # Still starting (importing, connecting, checking the schema):
             # Scheduler.stop() would be a no-op and the worker would start anyway.
             raise _StoppedBeforeStart
-        scheduler.stop()
+        current.stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -101,10 +102,12 @@ def _install_stop_signals(scheduler: Scheduler) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker for the scheduler at ``module:attribute`` until SIGINT/SIGTERM."""
-    scheduler = load_scheduler(args.scheduler)
-    _install_stop_signals(scheduler)
+    loaded: list[Scheduler] = []
+    # Before importing the application: a signal while it loads stops cleanly too.
+    _install_stop_signals(lambda: loaded[0] if loaded else None)
     try:
-        stats = scheduler.run(
+        loaded.append(load_scheduler(args.scheduler))
+        stats = loaded[0].run(
             concurrency=args.concurrency,
             queues=args.queue or None,
             poll_interval=args.poll_interval,

@@ -316,8 +316,8 @@ class Fleet:
     def kill9(self, worker: WorkerProcess) -> float:
         """SIGKILL ``worker`` and reap it; return ``time.time()`` of the kill.
 
-        Reaping matters: a zombie still has its pid, so other workers' pid
-        check would think it alive until the lease runs out.
+        Reaping keeps the process table clean between kills (the pid check
+        counts a zombie as dead either way).
         """
         moment = time.time()
         worker.send(signal.SIGKILL)
@@ -337,7 +337,12 @@ class Fleet:
             worker.wait_started(timeout)
 
     def stop(self, timeout: float = 30.0) -> list[int]:
-        """SIGTERM every live worker; return their exit codes."""
+        """SIGTERM every live worker once it has started; return their exit codes.
+
+        A worker just respawned may still be starting its interpreter, before
+        any signal handler exists: a SIGTERM then simply kills it (-15).
+        """
+        self.wait_started(timeout)
         workers = self.alive
         for worker in workers:
             worker.send(signal.SIGTERM)
