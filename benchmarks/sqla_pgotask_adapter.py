@@ -10,9 +10,10 @@ How the library is used (its documented idioms, nothing bench-specific):
 * schema: ``sqla_pgotask.migrate.upgrade(url)`` (Alembic, ``postgresql+psycopg://``);
 * W1 (single enqueue): ``with Session.begin() as s: s.add(Task(kind="bench", payload=p))``,
   the ORM idiom of "a task is a row added in the application's transaction";
-* W2 (bulk enqueue): ``session.add_all([Task(...), ...])`` in one transaction.
-  The library has **no dedicated bulk API yet**; this is the ORM unit of work
-  (SQLAlchemy 2's "insertmanyvalues" batches the INSERT ... RETURNING);
+* W2 (bulk enqueue): ``sqla_pgotask.add_many(session, [Task(...), ...])`` in one
+  transaction (one ``INSERT ... SELECT FROM unnest(...)``); ``--set
+  sqla_pgotask.bulk=add_all`` measures the plain ORM ``session.add_all()``
+  instead (SQLAlchemy 2's "insertmanyvalues" batches the INSERT ... RETURNING);
 * worker: ``Scheduler(Session, concurrency=..., poll_interval=...)``, a
   ``@scheduler.handler("bench")`` ``def fn(session, task)``, and the blocking
   ``scheduler.run()`` in a thread (``asyncio.to_thread``) from ``worker_run``;
@@ -75,6 +76,7 @@ class SqlaPgotaskAdapter(Adapter):
         "poll_interval": 1.0,  # fallback poll (s); NOTIFY wakes the claim loop
         "pool_size": 0,  # SQLAlchemy pool per process; 0 = concurrency + 3
         "lease_seconds": 30.0,  # library default
+        "bulk": "add_many",  # W2: "add_many" (the bulk API) or "add_all" (the ORM)
     }
     _engine: Any = None
 
@@ -131,11 +133,14 @@ class SqlaPgotaskAdapter(Adapter):
             s.add(Task(kind=KIND, payload=payload))
 
     def _enqueue_batch(self, payloads: list[dict]) -> None:
-        from sqla_pgotask import Task
+        from sqla_pgotask import Task, add_many
 
-        # No bulk API in the library yet: the ORM unit of work, one transaction.
+        tasks = [Task(kind=KIND, payload=p) for p in payloads]
         with self._Session.begin() as s:
-            s.add_all([Task(kind=KIND, payload=p) for p in payloads])
+            if self.settings["bulk"] == "add_all":
+                s.add_all(tasks)
+            else:
+                add_many(s, tasks)
 
     async def enqueue_one(self, payload: dict) -> None:
         await asyncio.to_thread(self._enqueue_one, payload)

@@ -7,6 +7,7 @@ together with the task's completion, or not at all.
 """
 
 from sqla_pgotask.context import AttemptContext, current_attempt
+from sqla_pgotask.enqueue import add_many
 from sqla_pgotask.errors import (
     ClaimLostError,
     ConfigurationError,
@@ -48,6 +49,7 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownKindError",
     "WorkerStats",
+    "add_many",
     "current_attempt",
 ]
 

@@ -208,17 +208,20 @@ class RegisteredWorker(Base):
         return f"<RegisteredWorker {self.id} kinds={self.kinds} queues={self.queues}>"
 
 
-def _check_payload(mapper: Mapper[Any], connection: Connection, target: Task) -> None:
-    """Refuse, at flush, a payload that cannot be stored as JSON."""
-    payload = target.payload
-    if payload is None:
-        return
+def dump_payload(kind: str, payload: Any) -> str:
+    """``payload`` as JSON text, or :class:`InvalidPayloadError` naming the task's kind."""
     try:
-        json.dumps(payload, allow_nan=False)
+        return json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidPayloadError(
-            f"Task(kind={target.kind!r}): payload is not JSON-serialisable: {exc}"
+            f"Task(kind={kind!r}): payload is not JSON-serialisable: {exc}"
         ) from exc
+
+
+def _check_payload(mapper: Mapper[Any], connection: Connection, target: Task) -> None:
+    """Refuse, at flush, a payload that cannot be stored as JSON."""
+    if target.payload is not None:
+        dump_payload(target.kind, target.payload)
 
 
 event.listen(Task, "before_insert", _check_payload)

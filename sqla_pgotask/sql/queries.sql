@@ -240,3 +240,20 @@ RETURNING task_id;
 
 -- name: schema_revision
 SELECT pgotask_schema_revision();
+
+-- name: bulk_insert
+-- Many tasks in one statement and one round trip.  The insert trigger fires
+-- once for the statement: one NOTIFY per distinct queue, not one per row.
+-- Columns not given take the same defaults as the table's.
+INSERT INTO pgotask_task (kind, queue, payload, priority, run_at, max_attempts, dedup_key)
+SELECT kind,
+       COALESCE(queue, 'default'),
+       COALESCE(payload, CAST('{}' AS jsonb)),
+       COALESCE(priority, 0),
+       COALESCE(run_at, now()),
+       max_attempts,
+       dedup_key
+FROM unnest(CAST(:kinds AS text[]), CAST(:queues AS text[]), CAST(:payloads AS jsonb[]),
+            CAST(:priorities AS integer[]), CAST(:run_ats AS timestamptz[]),
+            CAST(:max_attempts AS integer[]), CAST(:dedup_keys AS text[]))
+    AS t (kind, queue, payload, priority, run_at, max_attempts, dedup_key);
