@@ -243,14 +243,16 @@ class Scheduler:
         *,
         queues: Sequence[str] | None = None,
         max_tasks: int | None = None,
-        batch_size: int = 10,
+        batch_size: int = 1,
     ) -> int:
         """Run due tasks in this thread until none is left; return how many attempts ran.
 
         A task that fails and is retried later is counted once per attempt run
         here; its retry is not waited for.  For tests, scripts and cron jobs.
         No heartbeats run here: a handler that takes longer than
-        ``lease_seconds`` may be rescued by a worker running meanwhile.
+        ``lease_seconds`` may be rescued by a worker running meanwhile, and so
+        may claimed tasks waiting their turn: a ``batch_size`` above 1 is for
+        tasks that are quick together.
         """
         self._require_handlers()
         if not self._schema_checked:
