@@ -54,11 +54,6 @@ class Listener:
         """Wait until ``LISTEN`` is in effect (for tests and start-up)."""
         return self._connected.wait(timeout)
 
-    @property
-    def connected(self) -> bool:
-        """Whether ``LISTEN`` is in effect now."""
-        return self._connected.is_set()
-
     def stop(self) -> None:
         """Stop the thread and close the connection."""
         self._stopping.set()

@@ -178,21 +178,15 @@ class Maintenance:
         self._attempts = attempts
         self._on_rescue = on_rescue
         self._stopping = threading.Event()
-        self._beat = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgotask-maintenance", daemon=True)
 
     def start(self) -> None:
         """Start the thread."""
         self._thread.start()
 
-    def beat_now(self) -> None:
-        """Ask for a heartbeat (and maintenance) at once, e.g. in tests."""
-        self._beat.set()
-
     def stop(self) -> None:
         """Stop the thread and close its connection."""
         self._stopping.set()
-        self._beat.set()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -205,9 +199,7 @@ class Maintenance:
                     backoff = 0.1
                     while not self._stopping.is_set():
                         heartbeat(conn, self.identity, self.timing, self._attempts())
-                        forced = self._beat.is_set()
-                        self._beat.clear()
-                        if forced or time.monotonic() >= next_maintenance:
+                        if time.monotonic() >= next_maintenance:
                             if maintain(conn, self.identity, self.timing) and self._on_rescue:
                                 self._on_rescue()
                             next_maintenance = (
@@ -216,7 +208,7 @@ class Maintenance:
                             )
                         # Wake for whichever comes first: the next heartbeat or maintenance.
                         until_maintenance = max(0.0, next_maintenance - time.monotonic())
-                        self._beat.wait(min(self.timing.heartbeat_interval, until_maintenance))
+                        self._stopping.wait(min(self.timing.heartbeat_interval, until_maintenance))
             except Exception as exc:
                 if self._stopping.is_set():
                     return

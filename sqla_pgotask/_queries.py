@@ -25,8 +25,3 @@ def _load() -> dict[str, str]:
 def query(name: str) -> TextClause:
     """The named statement as a SQLAlchemy ``text()`` construct."""
     return text(_load()[name])
-
-
-def raw(name: str) -> str:
-    """The named statement's SQL text (with ``:name`` parameters)."""
-    return _load()[name]

@@ -119,11 +119,6 @@ class Worker:
         self._stopping.set()
         self._wake.set()
 
-    @property
-    def stopping(self) -> bool:
-        """Whether :meth:`stop` was called."""
-        return self._stopping.is_set()
-
     def run(self) -> None:
         """Claim and run tasks until :meth:`stop`."""
         logger.info(
