@@ -5,8 +5,10 @@
     python3 dev.py demo                  see it work (embedded PostgreSQL if no URL is set)
     python3 dev.py compat [PYTEST ARGS] the fast tests again on the oldest supported
                                          SQLAlchemy (2.0), in ./.venv-sqlalchemy20
+    python3 dev.py bench [OPTIONS]      the benchmark suite against raw SQL (see
+                                         benchmarks/README.md; --help lists the options)
 
-Both create ./.venv and install the project into it (editable, with test
+test, demo and bench create ./.venv and install the project into it (editable, with test
 extras) the first time, and whenever pyproject.toml changed since.  The tests
 use PGOTASK_TEST_DATABASE_URL when set, else they start an embedded PostgreSQL.
 Local loops can skip the slow fault, process and packaging tests:
@@ -61,7 +63,7 @@ def test(args: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo", "compat"}:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo", "compat", "bench"}:
         print(__doc__)
         sys.exit(2)
     if sys.argv[1] == "compat":
@@ -80,6 +82,8 @@ def main() -> None:
     ensure_venv()
     if sys.argv[1] == "test":
         test(sys.argv[2:])
+    elif sys.argv[1] == "bench":
+        run(BIN / "python", "-m", "benchmarks.run", *sys.argv[2:])
     else:
         run(BIN / "pgotask", "demo", *sys.argv[2:])
 

@@ -10,8 +10,8 @@ How the library is used (its documented idioms, nothing bench-specific):
 * schema: ``sqla_pgotask.migrate.upgrade(url)`` (Alembic, ``postgresql+psycopg://``);
 * W1 (single enqueue): ``with Session.begin() as s: s.add(Task(kind="bench", payload=p))``,
   the ORM idiom of "a task is a row added in the application's transaction";
-* W2 (bulk enqueue): ``sqla_pgotask.add_many(session, [Task(...), ...])`` in one
-  transaction (one ``INSERT ... SELECT FROM unnest(...)``); ``--set
+* W2 (bulk enqueue): ``sqla_pgotask.add_many(session, "bench", payloads)`` in one
+  transaction (one ``INSERT ... SELECT``, payloads sent as one JSON array); ``--set
   sqla_pgotask.bulk=add_all`` measures the plain ORM ``session.add_all()``
   instead (SQLAlchemy 2's "insertmanyvalues" batches the INSERT ... RETURNING);
 * worker: ``Scheduler(Session, concurrency=..., poll_interval=...)``, a
@@ -135,12 +135,15 @@ class SqlaPgotaskAdapter(Adapter):
     def _enqueue_batch(self, payloads: list[dict]) -> None:
         from sqla_pgotask import Task, add_many
 
-        tasks = [Task(kind=KIND, payload=p) for p in payloads]
-        with self._Session.begin() as s:
-            if self.settings["bulk"] == "add_all":
+        if self.settings["bulk"] == "add_all":
+            tasks = [Task(kind=KIND, payload=p) for p in payloads]
+            with self._Session.begin() as s:
                 s.add_all(tasks)
-            else:
-                add_many(s, tasks)
+        else:
+            # The bulk API's form for tasks of one kind: no ORM objects, the
+            # payloads serialised once, one INSERT ... SELECT.
+            with self._Session.begin() as s:
+                add_many(s, KIND, payloads)
 
     async def enqueue_one(self, payload: dict) -> None:
         await asyncio.to_thread(self._enqueue_one, payload)

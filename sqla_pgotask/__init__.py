@@ -7,7 +7,7 @@ together with the task's completion, or not at all.
 """
 
 from sqla_pgotask.context import AttemptContext, current_attempt
-from sqla_pgotask.enqueue import add_many
+from sqla_pgotask.enqueue import TaskFields, add_many
 from sqla_pgotask.errors import (
     ClaimLostError,
     ConfigurationError,
@@ -22,6 +22,7 @@ from sqla_pgotask.errors import (
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
+from sqla_pgotask.retention import prune_tasks
 from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker import WorkerStats
@@ -45,12 +46,14 @@ __all__ = [
     "Task",
     "TaskCancelledError",
     "TaskError",
+    "TaskFields",
     "TaskStatus",
     "TaskTimeoutError",
     "UnknownKindError",
     "WorkerStats",
     "add_many",
     "current_attempt",
+    "prune_tasks",
 ]
 
 __version__ = "0.1.0"

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._queries import query
 from sqla_pgotask.models import Task
+
+_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+
+
+def _autocommit(session: Session) -> None:
+    # Not for a sessionmaker bound to a Connection (already in a transaction).
+    if not isinstance(session.get_bind(mapper=Task.__mapper__), Connection):
+        session.connection(execution_options=_AUTOCOMMIT)
 
 
 def claim_tasks(
@@ -42,16 +50,20 @@ def claim_tasks(
     else:
         statement = query("claim_in_queues")
         params["queues"] = list(queues)
-    with session_factory() as session, session.begin():
+    with session_factory() as session:
+        # One statement is its own transaction: autocommit saves the BEGIN and
+        # COMMIT round trips (the row locks still last only for the statement).
+        _autocommit(session)
         tasks = list(
             session.scalars(
                 select(Task).from_statement(statement).execution_options(populate_existing=True),
                 params,
             )
         )
-        # Detach before commit so an ``expire_on_commit`` sessionmaker keeps
-        # the loaded values.
+        # Detach before the commit so an ``expire_on_commit`` sessionmaker
+        # keeps the loaded values.
         session.expunge_all()
+        session.commit()
     tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
     return tasks
 
@@ -60,9 +72,11 @@ def release_tasks(session_factory: sessionmaker[Session], tasks: Sequence[Task])
     """Return claimed tasks that never started to ``pending``, refunding their attempt."""
     if not tasks:
         return 0
-    with session_factory() as session, session.begin():
+    with session_factory() as session:
+        _autocommit(session)
         result = session.execute(
             query("release"),
             {"ids": [t.id for t in tasks], "attempts": [t.attempts for t in tasks]},
         )
+        session.commit()
         return int(result.rowcount)  # type: ignore[attr-defined]

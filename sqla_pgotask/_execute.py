@@ -1,18 +1,37 @@
-"""Running one claimed task: the handler, then the fenced completion, in one transaction."""
+"""Running claimed tasks: their handlers and their fenced completion, in batches.
+
+A batch is one transaction on one connection.  Each task's handler gets a
+Session from the application's ``sessionmaker`` joined to that connection;
+after the last handler, one statement completes every task that succeeded
+(fenced by status and attempt), one records the failures, and the batch
+commits: the handlers' writes and the tasks' completions are one commit.
+
+Guarantee 2 holds per task: the first task of a transaction needs no
+savepoint (if it fails the transaction is rolled back and begun again); each
+later one runs in a savepoint of its own, taken only if its handler runs SQL
+and never released (see :mod:`sqla_pgotask._savepoints`), so a failing
+handler leaves none of its writes and the others keep theirs.  A transaction closes after ``size``
+tasks, ``savepoints`` savepoints that were used, or ``window`` seconds;
+tasks of handlers with a ``timeout``, or declared ``batch=False``, or whose
+kind has been slow, run in a transaction of their own.
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import logging
+import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from sqla_pgotask import _savepoints
 from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, reset_current, set_current
 from sqla_pgotask.errors import HandlerTransactionError, TaskCancelledError, TaskTimeoutError
@@ -33,6 +52,8 @@ _SET_TIMEOUTS = text(
 # How much longer than the handler's timeout the server lets its transaction idle.
 IDLE_TIMEOUT_MARGIN = 5.0
 
+Item = tuple[Task, AttemptContext]
+
 
 class Outcome(str, enum.Enum):
     """What became of one attempt."""
@@ -43,6 +64,55 @@ class Outcome(str, enum.Enum):
     CANCELLED = "cancelled"
     #: The claim was lost (the task is no longer ours): nothing was written.
     LOST = "lost"
+    #: Given back without consuming an attempt: its batch had to be rolled
+    #: back because another task's claim was lost at the last moment.
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """When a batch's transaction commits and a new one begins."""
+
+    #: Tasks per transaction at most (1: every task in a transaction of its own).
+    size: int = 100
+    #: Seconds a transaction stays open for more tasks (checked between tasks).
+    window: float = 0.1
+    #: Task savepoints that were used, at most, per transaction.
+    savepoints: int = 48
+    #: A kind whose handler took this long on average runs alone.
+    slow: float = 0.1
+
+
+@dataclass
+class KindTimes:
+    """Average handler time per kind (exponentially weighted), shared by a worker's threads."""
+
+    weight: float = 0.2
+    _kinds: dict[str, float] = field(default_factory=dict)
+    #: The average over all kinds (``None`` before the first run).
+    overall: float | None = None
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Record one handler run of ``kind``."""
+        w = self.weight
+        before = self._kinds.get(kind)
+        self._kinds[kind] = seconds if before is None else before + w * (seconds - before)
+        overall = self.overall
+        self.overall = seconds if overall is None else overall + w * (seconds - overall)
+
+    def average(self, kind: str) -> float:
+        """The average time of ``kind`` (0 before its first run)."""
+        return self._kinds.get(kind, 0.0)
+
+
+class BatchLostError(Exception):
+    """The database failed under a batch: the outcomes of its started attempts are unknown."""
+
+    def __init__(self, started: list[AttemptContext], rest: list[Item], cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.started = started
+        self.rest = rest
+        self.cause = cause
 
 
 def _forbid_handler_commit(session: Session) -> None:
@@ -57,81 +127,185 @@ def _forbid_handler_commit(session: Session) -> None:
         )
 
 
-class TaskRunner:
-    """Runs claimed tasks one after another in one reusable Session of the application."""
+_listen_lock = threading.Lock()
+
+
+def _guard_commits(session_factory: sessionmaker[Session]) -> None:
+    with _listen_lock:
+        if not event.contains(session_factory, "before_commit", _forbid_handler_commit):
+            event.listen(session_factory, "before_commit", _forbid_handler_commit)
+
+
+@dataclass
+class _Chunk:
+    """What one transaction of a batch did, before it commits."""
+
+    started: list[AttemptContext] = field(default_factory=list)
+    done: list[tuple[AttemptContext, str | None]] = field(default_factory=list)
+    failed: list[tuple[AttemptContext, Handler, Exception]] = field(default_factory=list)
+    cancelled: list[AttemptContext] = field(default_factory=list)
+    lost: list[AttemptContext] = field(default_factory=list)
+
+
+class BatchRunner:
+    """Runs claimed tasks in batches, one transaction per batch, on one thread."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
+        bind: Engine | Connection,
         handlers: Mapping[str, Handler],
         worker_id: str,
+        limits: BatchLimits | None = None,
+        times: KindTimes | None = None,
     ) -> None:
+        self.session_factory = session_factory
+        self.bind = bind
         self.handlers = handlers
         self.worker_id = worker_id
-        self.session = session_factory()
-        event.listen(self.session, "before_commit", _forbid_handler_commit)
+        self.limits = limits or BatchLimits()
+        self.times = times or KindTimes()
+        # A borrowed Connection may already be in a transaction that the
+        # first task must not roll back: then every task takes a savepoint.
+        self._own_connections = not isinstance(bind, Connection)
+        _guard_commits(session_factory)
+        _savepoints.install(bind.engine if isinstance(bind, Connection) else bind)
 
-    def close(self) -> None:
-        """Close the Session."""
-        self.session.close()
+    def run_all(self, items: Sequence[Item]) -> list[Outcome]:
+        """Run every item, batch after batch; the outcomes in item order (for scripts and tests)."""
+        outcomes: dict[int, Outcome] = {}
+        rest = list(items)
+        while rest:
+            done, rest = self.run_chunk(rest)
+            outcomes.update((id(ctx), outcome) for ctx, outcome in done)
+        return [outcomes[id(ctx)] for _, ctx in items]
 
-    def run(self, task: Task, ctx: AttemptContext | None = None) -> Outcome:
-        """Run ``task``'s handler and record the outcome; never raises for handler errors.
-
-        Raises only if the database fails while the outcome is recorded; the
-        caller then records the failure once the database answers again
-        (:meth:`record_failure`).
-        """
+    def solo(self, item: Item) -> bool:
+        """Whether ``item`` must run in a transaction of its own."""
+        task, _ = item
         handler = self.handlers[task.kind]
-        if ctx is None:
-            ctx = new_context(task, handler)
-        ctx.begin()
-        task_id, attempt, kind = task.id, task.attempts, task.kind
-        session = self.session
-        token = set_current(ctx)
+        return (
+            not handler.batch
+            or handler.timeout is not None
+            or self.times.average(task.kind) >= self.limits.slow
+        )
+
+    def run_chunk(
+        self,
+        items: Sequence[Item],
+        *,
+        on_start: Callable[[AttemptContext], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[list[tuple[AttemptContext, Outcome]], list[Item]]:
+        """Run items from the front of ``items`` in one transaction; return outcomes and the rest.
+
+        Raises :class:`BatchLostError` if the database failed under the
+        transaction; the caller records the started attempts' failure once
+        the database answers again.
+        """
+        limits = self.limits
+        chunk = _Chunk()
+        n = 0
         try:
+            with self._connection() as conn:
+                dbapi = conn.connection.dbapi_connection
+                lazy = _savepoints.register(dbapi)
+                try:
+                    begun = time.monotonic()
+                    txn = _begin(conn)
+                    fresh = self._own_connections  # nothing written in this transaction yet
+                    while n < len(items):
+                        item = items[n]
+                        solo = self.solo(item)
+                        if n and (
+                            solo
+                            or n >= limits.size
+                            or lazy.open >= limits.savepoints
+                            or time.monotonic() - begun >= limits.window
+                            or (should_stop is not None and should_stop())
+                        ):
+                            break
+                        n += 1
+                        task, ctx = item
+                        if on_start is not None:
+                            on_start(ctx)
+                        chunk.started.append(ctx)
+                        if not txn.is_active:  # the previous task rolled it back
+                            txn = _begin(conn)
+                            lazy.new_transaction()
+                            fresh = self._own_connections
+                        before = lazy.statements
+                        self._run_one(conn, lazy, task, ctx, chunk, fresh, solo)
+                        if lazy.statements != before:
+                            fresh = False
+                        if solo:
+                            break
+                    if not txn.is_active:
+                        txn = _begin(conn)
+                    outcomes = self._finish(conn, txn, chunk)
+                finally:
+                    _savepoints.unregister(dbapi)
+        except Exception as exc:
+            raise BatchLostError(chunk.started, list(items[n:]), exc) from exc
+        return outcomes, list(items[n:])
+
+    def _connection(self) -> Any:
+        bind = self.bind
+        if isinstance(bind, Connection):
+            return _Borrowed(bind)
+        return bind.connect()
+
+    def _run_one(
+        self,
+        conn: Connection,
+        lazy: _savepoints.LazySavepoints,
+        task: Task,
+        ctx: AttemptContext,
+        chunk: _Chunk,
+        fresh: bool,
+        solo: bool,
+    ) -> None:
+        if ctx.lost:
+            chunk.lost.append(ctx)
+            return
+        if ctx.cancel_requested:
+            chunk.cancelled.append(ctx)
+            return
+        handler = self.handlers[task.kind]
+        # The first task of a transaction rolls back the whole transaction if
+        # it fails; every later one rolls back to its own savepoint.
+        mode = "rollback_only" if fresh else "create_savepoint"
+        session = self.session_factory(bind=conn, join_transaction_mode=mode)
+        token = set_current(ctx)
+        ctx.begin()
+        try:
+            if not fresh:
+                lazy.arm()
+            elif handler.timeout is not None:
+                conn.execute(
+                    _SET_TIMEOUTS,
+                    {
+                        "statement": f"{int(handler.timeout * 1000)}ms",
+                        "idle": f"{int((handler.timeout + IDLE_TIMEOUT_MARGIN) * 1000)}ms",
+                    },
+                )
             try:
-                outcome = self._run_handler(session, handler, task, ctx)
+                result = self._call(session, handler, task, ctx)
             except Exception as exc:
                 _rollback(session)
-                outcome = self._after_exception(session, handler, ctx, exc)
+                if conn.invalidated:  # the connection died: the batch is gone
+                    raise
+                self._after_exception(handler, ctx, exc, chunk)
+            else:
+                chunk.done.append((ctx, _result_json(result)))
         finally:
+            lazy.disarm()
             reset_current(token)
             session.close()
-        duration = time.monotonic() - (ctx.started or 0.0)
-        extra = {"task_id": task_id, "kind": kind, "attempt": attempt, "duration": duration}
-        if outcome is Outcome.LOST:
-            logger.warning(
-                "task %s (%s) attempt %s: claim lost, its writes were rolled back",
-                task_id,
-                kind,
-                attempt,
-                extra=extra,
-            )
-        elif logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "task %s (%s) attempt %s: %s in %.3fs",
-                task_id,
-                kind,
-                attempt,
-                outcome.value,
-                duration,
-                extra=extra,
-            )
-        return outcome
+            self.times.observe(ctx.kind, time.monotonic() - (ctx.started or 0.0))
 
-    def _run_handler(
-        self, session: Session, handler: Handler, task: Task, ctx: AttemptContext
-    ) -> Outcome:
+    def _call(self, session: Session, handler: Handler, task: Task, ctx: AttemptContext) -> object:
         root = session.begin()
-        if handler.timeout is not None:
-            session.execute(
-                _SET_TIMEOUTS,
-                {
-                    "statement": f"{int(handler.timeout * 1000)}ms",
-                    "idle": f"{int((handler.timeout + IDLE_TIMEOUT_MARGIN) * 1000)}ms",
-                },
-            )
         session.add(task)
         session.info[_IN_HANDLER] = True
         try:
@@ -145,86 +319,160 @@ class TaskRunner:
                 "session.close()); raise an exception to fail the task instead"
             )
         ctx.check()  # cancelled, timed out or lost while the handler ran: do not commit
-        completed = session.execute(
-            query("complete"),
-            {"id": task.id, "attempt": task.attempts, "result": _result_json(result)},
-        )
-        if completed.rowcount == 1:  # type: ignore[attr-defined]
-            root.commit()
-            return Outcome.SUCCEEDED
-        # The fence did not hold: the task was taken over, or cancellation was
-        # requested after the last check.
-        root.rollback()
-        return self._finish_cancelled(session, ctx)
-
-    def record_failure(self, ctx: AttemptContext, exc: Exception) -> Outcome:
-        """Record, once the database is back, an attempt whose outcome could not be written."""
-        self.session.close()
-        return self._record_failure(self.session, self.handlers[ctx.kind], ctx, exc)
+        root.commit()
+        return result
 
     def _after_exception(
-        self,
-        session: Session,
-        handler: Handler,
-        ctx: AttemptContext,
-        exc: Exception,
-    ) -> Outcome:
+        self, handler: Handler, ctx: AttemptContext, exc: Exception, chunk: _Chunk
+    ) -> None:
         if ctx.lost:
-            return Outcome.LOST
-        if isinstance(exc, TaskCancelledError) or ctx.cancel_requested:
-            return self._finish_cancelled(session, ctx)
-        if ctx.timed_out and not isinstance(exc, TaskTimeoutError):
-            timeout = TaskTimeoutError(ctx.timeout_message())
-            timeout.__cause__ = exc
-            exc = timeout
-        return self._record_failure(session, handler, ctx, exc)
+            chunk.lost.append(ctx)
+        elif isinstance(exc, TaskCancelledError) or ctx.cancel_requested:
+            chunk.cancelled.append(ctx)
+        else:
+            if ctx.timed_out and not isinstance(exc, TaskTimeoutError):
+                timeout = TaskTimeoutError(ctx.timeout_message())
+                timeout.__cause__ = exc
+                exc = timeout
+            chunk.failed.append((ctx, handler, exc))
 
-    def _finish_cancelled(self, session: Session, ctx: AttemptContext) -> Outcome:
-        with session.begin():
-            done = session.execute(
-                query("finish_cancelled"), {"id": ctx.task_id, "attempt": ctx.attempt}
+    def _finish(
+        self, conn: Connection, txn: Any, chunk: _Chunk
+    ) -> list[tuple[AttemptContext, Outcome]]:
+        outcomes: list[tuple[AttemptContext, Outcome]] = [(c, Outcome.LOST) for c in chunk.lost]
+        if chunk.done:
+            done = chunk.done
+            completed = set(
+                conn.execute(
+                    query("complete"),
+                    {
+                        "ids": [c.task_id for c, _ in done],
+                        "attempts": [c.attempt for c, _ in done],
+                        "results": [r for _, r in done],
+                    },
+                ).scalars()
             )
-        return Outcome.CANCELLED if done.rowcount == 1 else Outcome.LOST  # type: ignore[attr-defined]
+            if len(completed) == len(done):
+                outcomes += [(c, Outcome.SUCCEEDED) for c, _ in done]
+            else:
+                # A claim was lost, or cancellation requested, after its
+                # handler's last check: its writes must not commit, and they
+                # cannot be told apart from the others'.  Roll the batch back;
+                # the tasks still ours go back to pending, attempt refunded.
+                txn.rollback()
+                txn = _begin(conn)
+                ours = [c for c, _ in done if c.task_id in completed]
+                chunk.cancelled += [c for c, _ in done if c.task_id not in completed]
+                if ours:
+                    conn.execute(
+                        query("release"),
+                        {"ids": [c.task_id for c in ours], "attempts": [c.attempt for c in ours]},
+                    )
+                    outcomes += [(c, Outcome.RELEASED) for c in ours]
+                    logger.warning(
+                        "batch rolled back (a claim changed before commit); "
+                        "%d tasks given back to run again: %s",
+                        len(ours),
+                        [c.task_id for c in ours],
+                    )
+        if chunk.failed:
+            outcomes += self._record_failures(conn, chunk.failed)
+        if chunk.cancelled:
+            ended = set(
+                conn.execute(
+                    query("finish_cancelled"),
+                    {
+                        "ids": [c.task_id for c in chunk.cancelled],
+                        "attempts": [c.attempt for c in chunk.cancelled],
+                    },
+                ).scalars()
+            )
+            outcomes += [
+                (c, Outcome.CANCELLED if c.task_id in ended else Outcome.LOST)
+                for c in chunk.cancelled
+            ]
+        txn.commit()
+        for ctx, outcome in outcomes:
+            _log_outcome(ctx, outcome)
+        return outcomes
 
-    def _record_failure(
-        self,
-        session: Session,
-        handler: Handler,
-        ctx: AttemptContext,
-        exc: Exception,
-    ) -> Outcome:
-        attempt = ctx.attempt
-        final = attempt >= ctx.max_attempts or not handler.retryable(exc)
-        status = TaskStatus.FAILED if final else TaskStatus.PENDING
-        delay = 0.0 if final else handler.retry.delay(attempt)
-        with session.begin():
-            recorded = session.execute(
+    def _record_failures(
+        self, conn: Connection, failures: list[tuple[AttemptContext, Handler, Exception]]
+    ) -> list[tuple[AttemptContext, Outcome]]:
+        rows = []
+        for ctx, handler, exc in failures:
+            final = ctx.attempt >= ctx.max_attempts or not handler.retryable(exc)
+            delay = 0.0 if final else float(handler.retry.delay(ctx.attempt))
+            rows.append((ctx, exc, final, delay))
+        recorded = set(
+            conn.execute(
                 query("fail"),
                 {
-                    "id": ctx.task_id,
-                    "attempt": attempt,
-                    "status": status.value,
-                    "delay": float(delay),
-                    "exception_type": _qualified_name(type(exc)),
-                    "message": str(exc)[:_MAX_MESSAGE],
-                    "traceback": "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK:],
+                    "ids": [ctx.task_id for ctx, *_ in rows],
+                    "attempts": [ctx.attempt for ctx, *_ in rows],
+                    "statuses": [
+                        (TaskStatus.FAILED if final else TaskStatus.PENDING).value
+                        for _, _, final, _ in rows
+                    ],
+                    "delays": [delay for *_, delay in rows],
+                    "exception_types": [_qualified_name(type(exc)) for _, exc, _, _ in rows],
+                    "messages": [str(exc)[:_MAX_MESSAGE] for _, exc, _, _ in rows],
+                    "tracebacks": [
+                        "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK:]
+                        for _, exc, _, _ in rows
+                    ],
                     "worker": self.worker_id,
                 },
-            )
-            if recorded.rowcount != 1:  # type: ignore[attr-defined]
-                return Outcome.LOST
-        outcome = Outcome.FAILED if final else Outcome.RETRY
-        logger.warning(
-            "task %s (%s) attempt %s failed: %s: %s%s",
-            ctx.task_id,
-            ctx.kind,
-            attempt,
-            type(exc).__name__,
-            exc,
-            "" if final else f" (retry in {delay:.1f}s)",
-            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": attempt},
+            ).scalars()
         )
-        return outcome
+        outcomes = []
+        for ctx, exc, final, delay in rows:
+            if ctx.task_id not in recorded:
+                outcomes.append((ctx, Outcome.LOST))
+                continue
+            outcomes.append((ctx, Outcome.FAILED if final else Outcome.RETRY))
+            logger.warning(
+                "task %s (%s) attempt %s failed: %s: %s%s",
+                ctx.task_id,
+                ctx.kind,
+                ctx.attempt,
+                type(exc).__name__,
+                exc,
+                "" if final else f" (retry in {delay:.1f}s)",
+                extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": ctx.attempt},
+            )
+        return outcomes
+
+    def record_failures(
+        self, contexts: Sequence[AttemptContext], exc: Exception
+    ) -> list[tuple[AttemptContext, Outcome]]:
+        """Record attempts whose outcome was lost with the database (once it answers again)."""
+        with self._connection() as conn:
+            txn = _begin(conn)
+            outcomes = self._record_failures(
+                conn, [(ctx, self.handlers[ctx.kind], exc) for ctx in contexts]
+            )
+            txn.commit()
+        return outcomes
+
+
+def _begin(conn: Connection) -> Any:
+    # A sessionmaker bound to a Connection already in a transaction (a test's
+    # rolled-back one): the batch is a savepoint in it.
+    return conn.begin_nested() if conn.in_transaction() else conn.begin()
+
+
+class _Borrowed:
+    """The application's own Connection (a sessionmaker bound to one), used as is."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> Connection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def new_context(task: Task, handler: Handler) -> AttemptContext:
@@ -238,15 +486,41 @@ def new_context(task: Task, handler: Handler) -> AttemptContext:
     )
 
 
+def _log_outcome(ctx: AttemptContext, outcome: Outcome) -> None:
+    if outcome is Outcome.LOST:
+        logger.warning(
+            "task %s (%s) attempt %s: claim lost, its writes were rolled back",
+            ctx.task_id,
+            ctx.kind,
+            ctx.attempt,
+            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": ctx.attempt},
+        )
+    elif logger.isEnabledFor(logging.INFO):
+        duration = time.monotonic() - (ctx.started or 0.0)
+        logger.info(
+            "task %s (%s) attempt %s: %s in %.3fs",
+            ctx.task_id,
+            ctx.kind,
+            ctx.attempt,
+            outcome.value,
+            duration,
+            extra={
+                "task_id": ctx.task_id,
+                "kind": ctx.kind,
+                "attempt": ctx.attempt,
+                "duration": duration,
+            },
+        )
+
+
 def _rollback(session: Session) -> None:
     # The server may have closed the connection (idle-in-transaction timeout,
-    # restart): rolling back then fails, and closing the Session lets the pool
-    # drop the connection so the outcome is recorded on a fresh one.
+    # restart): rolling back then fails; the caller sees the connection
+    # invalidated and gives up the batch.
     try:
         session.rollback()
     except Exception:
-        logger.debug("rollback failed; discarding the connection", exc_info=True)
-        session.close()
+        logger.debug("rollback failed", exc_info=True)
 
 
 def _qualified_name(cls: type[BaseException]) -> str:

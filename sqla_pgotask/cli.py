@@ -2,23 +2,30 @@
 
 Exit codes scripts can rely on: 0 success, 2 bad arguments or a bad
 ``module:attribute`` (usage), 3 database unreachable, 4 database schema
-missing or outdated, 1 anything else.
+missing or outdated, 1 anything else.  ``pgotask worker --processes N`` (N >
+1) runs a supervisor (:mod:`sqla_pgotask.supervisor`) that exits with the
+code of a worker process that failed for good.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
+import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from sqla_pgotask.errors import ConfigurationError, SchemaError
+from sqla_pgotask.models import TaskStatus
+from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.scheduler import Scheduler
 
 EXIT_OK = 0
@@ -29,6 +36,15 @@ EXIT_SCHEMA = 4
 
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
 
+# Hidden options of ``pgotask worker``, passed by the supervisor to its worker
+# processes (see sqla_pgotask.supervisor).
+SUPERVISOR_PID_OPTION = "--supervisor-pid"
+READY_FD_OPTION = "--ready-fd"
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With several worker processes writing to one stderr, say which one speaks.
+_LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
 logger = logging.getLogger("sqla_pgotask.cli")
 
 
@@ -36,13 +52,19 @@ class UsageError(Exception):
     """Bad command-line input: exit code 2."""
 
 
-def load_scheduler(path: str) -> Scheduler:
-    """Import ``module:attribute`` (from the current directory too) and check it is a Scheduler."""
+def split_scheduler_path(path: str) -> tuple[str, str]:
+    """``module:attribute`` as ``(module, attribute)``, or :class:`UsageError`."""
     module_name, sep, attr_path = path.partition(":")
     if not sep or not module_name or not attr_path:
         raise UsageError(
             f"expected 'module:attribute' (like 'myapp.tasks:scheduler'), got {path!r}"
         )
+    return module_name, attr_path
+
+
+def load_scheduler(path: str) -> Scheduler:
+    """Import ``module:attribute`` (from the current directory too) and check it is a Scheduler."""
+    module_name, attr_path = split_scheduler_path(path)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -76,12 +98,25 @@ class _StoppedBeforeStart(BaseException):
     """
 
 
-def _install_stop_signals(scheduler: Callable[[], Scheduler | None]) -> None:
-    """SIGINT/SIGTERM stop gracefully; a second one exits at once."""
+def _install_stop_signals(
+    scheduler: Callable[[], Scheduler | None], *, supervised: bool = False
+) -> None:
+    """SIGINT/SIGTERM stop gracefully; a second one exits at once.
+
+    Under a supervisor, a second signal changes nothing: the same signal may
+    well arrive twice (from the terminal or systemd to the whole group, and
+    forwarded by the supervisor), and the supervisor escalates with SIGKILL.
+    """
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if received:
+            if supervised:
+                logger.info(
+                    "%s again: already stopping (the supervisor decides when to kill)",
+                    signal.Signals(signum).name,
+                )
+                return
             logger.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(128 + signum)
         received.append(signum)
@@ -102,9 +137,20 @@ def _install_stop_signals(scheduler: Callable[[], Scheduler | None]) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker for the scheduler at ``module:attribute`` until SIGINT/SIGTERM."""
+    if args.processes > 1:
+        return _supervise(args)
+    supervised = args.supervisor_pid is not None
     loaded: list[Scheduler] = []
+
+    def current() -> Scheduler | None:
+        return loaded[0] if loaded else None
+
     # Before importing the application: a signal while it loads stops cleanly too.
-    _install_stop_signals(lambda: loaded[0] if loaded else None)
+    _install_stop_signals(current, supervised=supervised)
+    if supervised:
+        from sqla_pgotask.supervisor import watch_supervisor
+
+        watch_supervisor(args.supervisor_pid, args.ready_fd, current)
     try:
         loaded.append(load_scheduler(args.scheduler))
         stats = loaded[0].run(
@@ -117,6 +163,84 @@ def cmd_worker(args: argparse.Namespace) -> int:
         logger.info("worker stopped before it started")
         return EXIT_OK
     logger.info("worker done: %s", stats)
+    return EXIT_OK
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``pgotask worker --processes N``: run N worker processes under a supervisor."""
+    from sqla_pgotask.supervisor import ChildFailedError, Supervisor
+
+    if args.supervisor_pid is not None:
+        raise UsageError(f"{SUPERVISOR_PID_OPTION} is for worker processes run by a supervisor")
+    if not hasattr(signal, "SIGCHLD"):
+        raise UsageError("--processes needs POSIX signals; run one 'pgotask worker' per process")
+    split_scheduler_path(args.scheduler)  # fail now, not in N processes
+    try:
+        return Supervisor(_worker_process_args(args), args.processes).run()
+    except ChildFailedError as exc:
+        print(f"pgotask: error: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _worker_process_args(args: argparse.Namespace) -> list[str]:
+    """The arguments of one worker process: these, without ``--processes``.
+
+    Every ``pgotask worker`` option must be passed on here.  ``--opt=value``
+    keeps a value that starts with a dash (a queue name) from reading as an
+    option.
+    """
+    argv = [f"--log-level={args.log_level}", "worker", args.scheduler]
+    if args.concurrency is not None:
+        argv.append(f"--concurrency={args.concurrency}")
+    argv.extend(f"--queue={queue}" for queue in args.queue or ())
+    if args.poll_interval is not None:
+        argv.append(f"--poll-interval={args.poll_interval!r}")
+    if args.shutdown_grace is not None:
+        argv.append(f"--shutdown-grace={args.shutdown_grace!r}")
+    return argv
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete finished tasks older than --older-than, in batches (see docs/pruning.md)."""
+    from sqlalchemy import create_engine
+
+    from sqla_pgotask.retention import prune_tasks
+
+    statuses = tuple(dict.fromkeys(args.status)) if args.status else FINISHED_STATUSES
+    older_than: dt.timedelta = args.older_than
+    engine = create_engine(_database_url(args))
+    try:
+        deleted = prune_tasks(
+            engine, older_than=older_than, statuses=statuses, batch_size=args.batch_size
+        )
+    except IntegrityError as exc:
+        # A foreign key of the application's that forbids deleting a task.
+        reason = " ".join(str(exc.orig if exc.orig is not None else exc).split())
+        print(
+            f"pgotask: error: cannot delete a task: {reason} (declare that foreign key "
+            "with ondelete='CASCADE' or 'SET NULL'; tasks deleted before this stay deleted)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    finally:
+        engine.dispose()
+    names = [status.value for status in statuses]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "deleted": deleted,
+                    "statuses": names,
+                    "older_than_seconds": older_than.total_seconds(),
+                }
+            )
+        )
+    else:
+        noun = "task" if deleted == 1 else "tasks"
+        print(
+            f"deleted {deleted} {noun} ({', '.join(names)}) "
+            f"that finished more than {_format_duration(older_than)} ago"
+        )
     return EXIT_OK
 
 
@@ -171,6 +295,48 @@ def _positive_float(value: str) -> float:
     return number
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(value: str) -> dt.timedelta:
+    """``30s``, ``15m``, ``12h``, ``7d`` (or ``1.5h``) as a timedelta."""
+    found = _DURATION.fullmatch(value.strip())
+    if found is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 30s, 15m, 12h or 7d, got {value!r}"
+        )
+    number, unit = found.groups()
+    try:
+        return dt.timedelta(**{_DURATION_UNITS[unit]: float(number)})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"duration {value!r} is too long") from None
+
+
+def _format_duration(duration: dt.timedelta) -> str:
+    """A timedelta in the largest unit of ``--older-than`` that it is a whole number of."""
+    seconds = duration.total_seconds()
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _finished_status(value: str) -> TaskStatus:
+    finished = ", ".join(status.value for status in FINISHED_STATUSES)
+    try:
+        status = TaskStatus(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {value!r} (choose from {finished})"
+        ) from None
+    if status not in FINISHED_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"{status.value} tasks cannot be pruned: only finished ones ({finished})"
+        )
+    return status
+
+
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -221,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running tasks get to finish after SIGTERM/SIGINT "
         "(default: the Scheduler's setting)",
     )
+    worker.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N worker processes under a supervisor that restarts them, "
+        "to use N cores (default: 1, no supervisor)",
+    )
+    # Passed by the supervisor to its worker processes only.
+    worker.add_argument(SUPERVISOR_PID_OPTION, type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument(READY_FD_OPTION, type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
     migrate = commands.add_parser(
@@ -238,6 +415,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV}, else an embedded PostgreSQL)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    prune = commands.add_parser(
+        "prune", help="delete old finished tasks", description=cmd_prune.__doc__
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="AGE",
+        help="delete tasks that finished more than AGE ago: 30s, 15m, 12h, 7d",
+    )
+    prune.add_argument(
+        "--status",
+        action="append",
+        type=_finished_status,
+        metavar="STATUS",
+        help="succeeded, failed or cancelled (repeatable; default: all three)",
+    )
+    prune.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="tasks deleted per transaction (default: 10000)",
+    )
+    prune.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    prune.add_argument("--json", action="store_true", help="print the result as JSON")
+    prune.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -245,8 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgotask`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    several = getattr(args, "processes", 1) > 1 or getattr(args, "supervisor_pid", None) is not None
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format=_LOG_FORMAT_WITH_PID if several else _LOG_FORMAT
     )
     if args.log_level != "DEBUG":
         logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -18,7 +18,6 @@ bounded by the server (see the ``timeout`` option of ``handler``).
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,8 +37,10 @@ class AttemptContext:
     timeout: float | None = None
     #: ``time.monotonic()`` when the handler started (``None`` while queued).
     started: float | None = None
-    _cancel_requested: threading.Event = field(default_factory=threading.Event)
-    _lost: threading.Event = field(default_factory=threading.Event)
+    # Set by other threads (listener, heartbeat), read by the handler's:
+    # plain attributes are enough under the GIL, and cheaper than Events.
+    _cancel_requested: bool = field(default=False, repr=False)
+    _lost: bool = field(default=False, repr=False)
 
     def begin(self) -> None:
         """Start the clock: the handler is about to be called."""
@@ -55,12 +56,12 @@ class AttemptContext:
     @property
     def cancel_requested(self) -> bool:
         """Whether cancellation of the task was requested."""
-        return self._cancel_requested.is_set()
+        return self._cancel_requested
 
     @property
     def lost(self) -> bool:
         """Whether the worker no longer owns this attempt (its claim was taken over)."""
-        return self._lost.is_set()
+        return self._lost
 
     @property
     def timed_out(self) -> bool:
@@ -75,9 +76,9 @@ class AttemptContext:
 
     def check(self) -> None:
         """Raise if the attempt should stop: cancelled, timed out, or no longer ours."""
-        if self._lost.is_set():
+        if self._lost:
             raise ClaimLostError(f"task {self.task_id} attempt {self.attempt} is no longer ours")
-        if self._cancel_requested.is_set():
+        if self._cancel_requested:
             raise TaskCancelledError(f"task {self.task_id} was cancelled")
         if self.timed_out:
             raise TaskTimeoutError(self.timeout_message())
@@ -88,11 +89,11 @@ class AttemptContext:
 
     def request_cancel(self) -> None:
         """Mark the attempt cancelled (the worker calls this)."""
-        self._cancel_requested.set()
+        self._cancel_requested = True
 
     def mark_lost(self) -> None:
         """Mark the attempt lost (the worker calls this)."""
-        self._lost.set()
+        self._lost = True
 
 
 _current: contextvars.ContextVar[AttemptContext | None] = contextvars.ContextVar(

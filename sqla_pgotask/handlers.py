@@ -35,6 +35,9 @@ class Handler:
     non_retryable: tuple[type[BaseException], ...] = ()
     #: Seconds an attempt may take; ``None`` for no limit.
     timeout: float | None = None
+    #: Whether its tasks may share a transaction with others (see ``Scheduler``'s
+    #: ``batch_size``); ``False`` runs each in a transaction of its own.
+    batch: bool = True
 
     def __call__(self, session: Session, task: Task) -> object:
         return self.func(session, task)
@@ -77,6 +80,7 @@ def make_handler(
     queue: str = "default",
     non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
     timeout: float | None = None,
+    batch: bool = True,
 ) -> Handler:
     """Validate the decorator's arguments and build the :class:`Handler`."""
     if not isinstance(kind, str) or not kind:
@@ -95,6 +99,8 @@ def make_handler(
         raise ConfigurationError(
             f"handler {kind!r}: timeout must be a number of seconds > 0, not {timeout!r}"
         )
+    if not isinstance(batch, bool):
+        raise ConfigurationError(f"handler {kind!r}: batch must be True or False, not {batch!r}")
     if isinstance(non_retryable, type):
         non_retryable = (non_retryable,)
     for exc_type in non_retryable:
@@ -110,4 +116,5 @@ def make_handler(
         queue=queue,
         non_retryable=tuple(non_retryable),
         timeout=None if timeout is None else float(timeout),
+        batch=batch,
     )

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._connections import require_psycopg
-from sqla_pgotask._execute import TaskRunner
+from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
 from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
@@ -55,6 +55,15 @@ class Scheduler:
     machine, noticed within ``maintenance_interval``).  Live workers renew
     their leases every ``heartbeat_interval`` (default ``lease_seconds / 6``).
     ``shutdown_grace``: how long :meth:`stop` lets running handlers finish.
+
+    ``batch_size``: how many tasks a handler thread may run in one
+    transaction (each handler in a savepoint of its own that costs no round
+    trip, all completed by one statement and one commit); ``1`` gives every
+    task a transaction of its own.  ``batch_window``: seconds a batch's
+    transaction stays open for more tasks; it also sizes the claim (what
+    the worker finishes in two windows is claimed ahead).  Tasks of handlers
+    with a ``timeout`` or ``batch=False``, and of kinds that take
+    ``batch_window`` or longer on average, always run alone.
     """
 
     def __init__(
@@ -69,6 +78,8 @@ class Scheduler:
         maintenance_interval: float = 5.0,
         dead_after: float | None = None,
         shutdown_grace: float = 30.0,
+        batch_size: int = 100,
+        batch_window: float = 0.1,
     ) -> None:
         if not isinstance(session_factory, sessionmaker):
             raise ConfigurationError(
@@ -82,6 +93,7 @@ class Scheduler:
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
             timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
+            batch=_batch_limits(batch_size, batch_window),
         )
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
@@ -101,6 +113,7 @@ class Scheduler:
         queue: str = "default",
         non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
         timeout: float | None = None,
+        batch: bool = True,
     ) -> Callable[[HandlerFunc], Handler]:
         """Register the decorated ``def fn(session, task)`` as the handler of ``kind``.
 
@@ -111,6 +124,9 @@ class Scheduler:
         fail the task at once.  ``timeout``: seconds an attempt may take; its
         SQL is cut off by the server, and an attempt that overruns fails with
         :class:`~sqla_pgotask.TaskTimeoutError` (see :mod:`sqla_pgotask.context`).
+        ``batch=False``: each task runs in a transaction of its own, never
+        batched with others (for handlers that use the raw DBAPI connection,
+        or hold locks for long).
         """
 
         def register(func: HandlerFunc) -> Handler:
@@ -122,6 +138,7 @@ class Scheduler:
                 queue=queue,
                 non_retryable=non_retryable,
                 timeout=timeout,
+                batch=batch,
             )
             with self._lock:
                 if kind in self._handlers:
@@ -179,6 +196,7 @@ class Scheduler:
             poll_interval=current.poll_interval if poll_interval is None else poll_interval,
             shutdown_grace=current.shutdown_grace if shutdown_grace is None else shutdown_grace,
             timing=current.timing,
+            batch=current.batch,
         )
         self._require_handlers()
         with self._lock:
@@ -189,7 +207,12 @@ class Scheduler:
         try:
             self.check_schema()
             worker = Worker(
-                self.session_factory, self._engine(), self._handlers, settings, new_worker_id()
+                self.session_factory,
+                self._engine(),
+                self._handlers,
+                settings,
+                new_worker_id(),
+                bind=self._bind(),
             )
             with self._lock:
                 self._worker = worker
@@ -258,44 +281,57 @@ class Scheduler:
         if not self._schema_checked:
             self.check_schema()
         served = queues if queues is not None else self.settings.queues
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, not {batch_size!r}")
         worker_id = new_worker_id()
-        runner = TaskRunner(self.session_factory, self._handlers, worker_id)
+        limits = BatchLimits(
+            size=batch_size,
+            window=self.settings.batch.window,
+            savepoints=self.settings.batch.savepoints,
+            slow=self.settings.batch.slow,
+        )
+        runner = BatchRunner(self.session_factory, self._bind(), self._handlers, worker_id, limits)
         count = 0
-        try:
-            while max_tasks is None or count < max_tasks:
-                limit = batch_size if max_tasks is None else min(batch_size, max_tasks - count)
-                tasks = claim_tasks(
-                    self.session_factory,
-                    worker_id=worker_id,
-                    kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
-                    queues=served,
-                    limit=limit,
-                    lease_seconds=self.settings.timing.lease,
-                )
-                if not tasks:
-                    break
-                for n, task in enumerate(tasks):
-                    try:
-                        runner.run(task)
-                    except BaseException:
-                        # Interrupted (Ctrl-C, a database failure): give the rest back.
-                        release_tasks(self.session_factory, tasks[n + 1 :])
-                        raise
-                    count += 1
-        finally:
-            runner.close()
+        while max_tasks is None or count < max_tasks:
+            limit = batch_size if max_tasks is None else min(batch_size, max_tasks - count)
+            tasks = claim_tasks(
+                self.session_factory,
+                worker_id=worker_id,
+                kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
+                queues=served,
+                limit=limit,
+                lease_seconds=self.settings.timing.lease,
+            )
+            if not tasks:
+                break
+            rest = [(task, new_context(task, self._handlers[task.kind])) for task in tasks]
+            while rest:
+                try:
+                    outcomes, rest = runner.run_chunk(rest)
+                except BaseException as exc:
+                    # Interrupted (Ctrl-C, a database failure): what did not
+                    # commit goes back (the release is fenced: what did is kept).
+                    release_tasks(self.session_factory, [task for task, _ in rest])
+                    if isinstance(exc, BatchLostError):
+                        raise exc.cause from None
+                    raise
+                count += len(outcomes)
         return count
 
     def _require_handlers(self) -> None:
         if not self._handlers:
             raise ConfigurationError("no handlers are registered on this scheduler")
 
-    def _engine(self) -> Engine:
+    def _bind(self) -> Engine | Connection:
         with self.session_factory() as session:
             bind = session.get_bind(mapper=Task.__mapper__)
         engine = bind.engine if isinstance(bind, Connection) else bind
         require_psycopg(engine)
-        return engine
+        return bind
+
+    def _engine(self) -> Engine:
+        bind = self._bind()
+        return bind.engine if isinstance(bind, Connection) else bind
 
 
 def _settings(
@@ -305,6 +341,7 @@ def _settings(
     poll_interval: float,
     shutdown_grace: float,
     timing: Timing,
+    batch: BatchLimits,
 ) -> WorkerSettings:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
@@ -323,7 +360,15 @@ def _settings(
         poll_interval=float(poll_interval),
         shutdown_grace=float(shutdown_grace),
         timing=timing,
+        batch=batch,
     )
+
+
+def _batch_limits(size: int, window: float) -> BatchLimits:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigurationError(f"batch_size must be an integer >= 1, not {size!r}")
+    _positive("batch_window", window)
+    return BatchLimits(size=size, window=float(window), slow=float(window))
 
 
 def _timing(

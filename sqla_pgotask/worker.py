@@ -1,16 +1,20 @@
 """The worker: claims due tasks in batches and runs them on handler threads.
 
-One thread claims (a short committed transaction per batch, sized to the
-free handler threads); ``concurrency`` handler threads each run tasks in a
-Session of their own; a listener thread turns ``NOTIFY`` into wake-ups and
-cancellation requests; a maintenance thread extends the leases of running
-tasks and rescues other workers' lost ones.  The claim loop polls every
-``poll_interval`` seconds in case a notification was missed.
+One thread claims (one autocommitted statement per claim, sized to the free
+capacity: what the worker has been finishing in two ``batch_window``
+seconds, at least one task per handler thread and at most ``batch_size``);
+``concurrency`` handler threads each take a share of the claimed tasks and
+run them in batches, one transaction per batch (see
+:mod:`sqla_pgotask._execute`); a listener thread turns ``NOTIFY`` into
+wake-ups and cancellation requests; a maintenance thread extends the leases
+of claimed tasks and rescues other workers' lost ones.  The claim loop polls
+every ``poll_interval`` seconds in case a notification was missed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -19,13 +23,21 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import Outcome, TaskRunner, new_context
+from sqla_pgotask._execute import (
+    BatchLimits,
+    BatchLostError,
+    BatchRunner,
+    Item,
+    KindTimes,
+    Outcome,
+    new_context,
+)
 from sqla_pgotask._listener import Listener
 from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask._queries import query
@@ -50,6 +62,7 @@ class WorkerSettings:
     poll_interval: float
     timing: Timing
     shutdown_grace: float
+    batch: BatchLimits = field(default_factory=BatchLimits)
 
 
 @dataclass
@@ -63,6 +76,9 @@ class WorkerStats:
     lost: int = 0
     #: Tasks still running when the grace period ended, given back at shutdown.
     interrupted: int = 0
+    #: Tasks that ran but were given back without using an attempt, because
+    #: their batch had to be rolled back (another task's claim changed).
+    released: int = 0
 
     def count(self, outcome: Outcome) -> None:
         """Add one ``outcome``."""
@@ -75,6 +91,36 @@ class WorkerStats:
         return self.succeeded + self.retried + self.failed + self.cancelled + self.lost
 
 
+class Throughput:
+    """Tasks finished per second, recently (exponentially weighted, per tenth of a second)."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self._rate = 0.0
+        self._count = 0
+        self._since = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        """``n`` more tasks finished."""
+        with self._lock:
+            self._count += n
+
+    def rate(self) -> float:
+        """The recent rate, in tasks per second."""
+        with self._lock:
+            now = time.monotonic()
+            elapsed = now - self._since
+            if elapsed >= self.period:
+                current = self._count / elapsed
+                # Rising fast (a burst has begun), falling slowly.
+                weight = 0.7 if current > self._rate else 0.2
+                self._rate += weight * (current - self._rate)
+                self._count = 0
+                self._since = now
+            return self._rate
+
+
 class Worker:
     """A running worker; made and driven by :meth:`Scheduler.run`."""
 
@@ -85,8 +131,12 @@ class Worker:
         handlers: Mapping[str, Handler],
         settings: WorkerSettings,
         worker_id: str,
+        bind: Engine | Connection | None = None,
     ) -> None:
         self.session_factory = session_factory
+        self.bind = engine if bind is None else bind
+        self.times = KindTimes()
+        self._throughput = Throughput()
         self.handlers = dict(handlers)
         self.settings = settings
         self.worker_id = worker_id
@@ -98,7 +148,7 @@ class Worker:
         # Claimed attempts not finished yet, queued or running, by task id.
         self._in_flight: dict[int, AttemptContext] = {}
         self._running: dict[int, AttemptContext] = {}
-        self._work: queue.SimpleQueue[tuple[Task, AttemptContext] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self.identity = Identity(
             id=worker_id,
@@ -154,14 +204,29 @@ class Worker:
         if ctx is not None:
             ctx.request_cancel()
 
+    def capacity(self) -> int:
+        """How many claimed tasks to hold: what the worker finishes in two batch windows.
+
+        At least one per handler thread, at most ``batch_size`` per thread.
+        Judged by throughput rather than by each task's time, which includes
+        waiting for the GIL behind the other threads.
+        """
+        limits = self.settings.batch
+        concurrency = self.settings.concurrency
+        rate = self._throughput.rate()
+        wanted = int(rate * 2 * limits.window)
+        return max(concurrency, min(concurrency * limits.size, wanted))
+
     def _claim_loop(self) -> None:
         settings = self.settings
         failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
+            capacity = self.capacity()
             with self._lock:
-                free = settings.concurrency - len(self._in_flight)
-            if free > 0:
+                free = capacity - len(self._in_flight)
+            # Below a quarter of the capacity free, wait for more room.
+            if free > 0 and free * 4 >= capacity:
                 try:
                     tasks = claim_tasks(
                         self.session_factory,
@@ -190,56 +255,111 @@ class Worker:
             self._wake.wait(settings.poll_interval * random.uniform(0.9, 1.1))
 
     def _handler_loop(self) -> None:
-        runner = TaskRunner(self.session_factory, self.handlers, self.worker_id)
-        try:
-            while True:
-                item = self._work.get()
-                if item is None:
-                    return
-                task, ctx = item
-                task_id = ctx.task_id  # the task object expires when its transaction ends
-                with self._lock:
-                    self._running[task_id] = ctx
-                outcome: Outcome | None
+        runner = BatchRunner(
+            self.session_factory,
+            self.bind,
+            self.handlers,
+            self.worker_id,
+            self.settings.batch,
+            self.times,
+        )
+        concurrency = self.settings.concurrency
+        size = self.settings.batch.size
+        last = False
+        while not last:
+            item = self._work.get()
+            if item is None:
+                return
+            # Take a fair share of what is queued, so the other threads get some.
+            share = min(size, max(1, math.ceil(self._work.qsize() / concurrency)))
+            batch = [item]
+            while len(batch) < share:
                 try:
-                    outcome = runner.run(task, ctx)
-                except Exception as exc:
-                    # The database failed under the attempt (a restart, a
-                    # killed connection): its transaction is gone.  Record
-                    # that as soon as the database answers again, rather
-                    # than leave the task to wait for its lease.
-                    outcome = self._record_when_possible(runner, ctx, exc)
-                with self._lock:
-                    if outcome is not None:
-                        self.stats.count(outcome)
-                    self._in_flight.pop(task_id, None)
-                    self._running.pop(task_id, None)
-                self._wake.set()
-        finally:
-            runner.close()
+                    more = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                batch.append(more)
+            self._run_batch(runner, batch)
+
+    def _run_batch(self, runner: BatchRunner, batch: list[Item]) -> None:
+        rest = batch
+        delay = 0.05
+        while rest:
+            if self._stopping.is_set():
+                self._give_back(rest)
+                return
+            try:
+                outcomes, rest = runner.run_chunk(
+                    rest, on_start=self._started, should_stop=self._stopping.is_set
+                )
+            except BatchLostError as failed:
+                # The database failed under the batch (a restart, a killed
+                # connection): its transaction is gone.  Record that as soon
+                # as the database answers again, rather than leave the tasks
+                # to wait for their leases.
+                self._record_when_possible(runner, failed.started, failed.cause)
+                rest = failed.rest
+                if not failed.started:  # not even connected: don't spin
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+            self._settle(outcomes)
+
+    def _started(self, ctx: AttemptContext) -> None:
+        with self._lock:
+            self._running[ctx.task_id] = ctx
+
+    def _settle(self, outcomes: Sequence[tuple[AttemptContext, Outcome | None]]) -> None:
+        self._throughput.add(len(outcomes))
+        with self._lock:
+            for ctx, outcome in outcomes:
+                if outcome is not None:
+                    self.stats.count(outcome)
+                self._in_flight.pop(ctx.task_id, None)
+                self._running.pop(ctx.task_id, None)
+        self._wake.set()
+
+    def _give_back(self, items: list[Item]) -> None:
+        """Stopping: claimed tasks this thread did not start go back, attempt refunded."""
+        try:
+            released = release_tasks(self.session_factory, [task for task, _ in items])
+            logger.info("released %d claimed tasks that had not started", released)
+        except Exception:
+            logger.exception("could not release %d unstarted tasks", len(items))
+        self._settle([(ctx, None) for _, ctx in items])
 
     def _record_when_possible(
-        self, runner: TaskRunner, ctx: AttemptContext, exc: Exception
-    ) -> Outcome | None:
+        self, runner: BatchRunner, started: list[AttemptContext], exc: Exception
+    ) -> None:
+        if not started:
+            return
         logger.warning(
-            "task %s (%s) attempt %s: database failed (%s); recording it when it is back",
-            ctx.task_id,
-            ctx.kind,
-            ctx.attempt,
+            "database failed under %d running tasks (%s); recording it when it is back: %s",
+            len(started),
             exc,
+            [ctx.task_id for ctx in started],
         )
         delay = 0.05
         deadline = time.monotonic() + self.settings.timing.lease
-        while time.monotonic() < deadline and not ctx.lost:
+        pending = [ctx for ctx in started if not ctx.lost]
+        while pending and time.monotonic() < deadline:
             try:
-                return runner.record_failure(ctx, exc)
+                self._settle(runner.record_failures(pending, exc))
+                pending = []
             except Exception:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        logger.error(
-            "task %s (%s): outcome not recorded; its lease will expire", ctx.task_id, ctx.kind
-        )
-        return None
+                pending = [ctx for ctx in pending if not ctx.lost]
+        if pending:
+            logger.error(
+                "outcome of tasks %s not recorded; their leases will expire",
+                [ctx.task_id for ctx in pending],
+            )
+        self._settle([(ctx, None) for ctx in started])
 
     def _shutdown(self) -> None:
         # 1. Claimed tasks no handler started: back to pending, attempt refunded.

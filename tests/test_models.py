@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, MetaData, String, func, select, text
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    MetaData,
+    String,
+    event,
+    func,
+    make_url,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 from sqla_pgotask import InvalidPayloadError, Task, TaskError, TaskStatus
 
@@ -51,6 +70,63 @@ def test_defaults_come_from_the_database(session: Session) -> None:
     assert task.started_at is None and task.finished_at is None
     assert task.locked_by is None and task.lease_expires_at is None
     assert task.result is None
+
+
+def test_insert_sends_only_the_columns_set_and_fetches_only_the_id(session: Session) -> None:
+    sent: list[str] = []
+
+    def record(*args: Any) -> None:
+        sent.append(args[2])
+
+    conn = session.connection()
+    event.listen(conn, "before_cursor_execute", record)
+    try:
+        task = Task(kind="k", payload={"a": 1})
+        session.add(task)
+        session.flush()
+    finally:
+        event.remove(conn, "before_cursor_execute", record)
+    [insert] = sent
+    assert insert.startswith("INSERT INTO pgotask_task (kind, payload) VALUES")
+    assert insert.endswith("RETURNING pgotask_task.id")
+    assert isinstance(task.id, int)
+    # Every other column holds its server default, read when first used.
+    now = session.scalar(select(func.now()))
+    assert task.status is TaskStatus.PENDING
+    assert (task.queue, task.priority, task.attempts, task.run_at) == ("default", 0, 0, now)
+    assert (task.max_attempts, task.dedup_key, task.locked_by, task.result) == (None,) * 4
+
+
+def test_explicit_nones_store_nulls(session: Session) -> None:
+    task = Task(kind="k", max_attempts=None, dedup_key=None, started_at=None, result=None)
+    session.add(task)
+    session.flush()
+    task.locked_by = "w"
+    task.lease_expires_at = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    session.flush()
+    task.locked_by = None
+    task.lease_expires_at = None
+    session.flush()
+    row = session.execute(
+        text(
+            "SELECT max_attempts, dedup_key, started_at, locked_by, lease_expires_at, result "
+            "FROM pgotask_task WHERE id = :id"
+        ),
+        {"id": task.id},
+    ).one()
+    assert tuple(row) == (None,) * 6
+
+
+def test_comparing_nullable_columns_with_none_is_still_is_null() -> None:
+    query = select(Task.id).where(
+        Task.max_attempts == None,  # noqa: E711
+        Task.dedup_key.is_(None),
+        Task.locked_by != None,  # noqa: E711
+    )
+    sql = str(query.compile())
+    assert "max_attempts IS NULL" in sql
+    assert "dedup_key IS NULL" in sql
+    assert "locked_by IS NOT NULL" in sql
 
 
 def test_plain_sql_insert_of_kind_alone_is_a_valid_task(session: Session) -> None:
@@ -107,6 +183,15 @@ def test_non_json_payload_fails_at_flush_naming_the_kind(session: Session, paylo
         session.flush()
 
 
+def test_deeply_nested_payload_fails_at_flush(session: Session) -> None:
+    payload: list[Any] = []
+    for _ in range(100_000):
+        payload = [payload]
+    session.add(Task(kind="deep", payload=payload))
+    with pytest.raises(InvalidPayloadError, match=r"Task\(kind='deep'\): payload is not JSON"):
+        session.flush()
+
+
 def test_payload_mutated_to_non_json_fails_at_update(session: Session) -> None:
     task = Task(kind="k", payload={"a": 1})
     session.add(task)
@@ -114,6 +199,28 @@ def test_payload_mutated_to_non_json_fails_at_update(session: Session) -> None:
     task.payload = {"a": {1, 2}}
     with pytest.raises(InvalidPayloadError, match="kind='k'"):
         session.flush()
+
+
+def test_update_leaving_the_payload_alone_neither_loads_nor_checks_it(session: Session) -> None:
+    task = Task(kind="k", payload={"a": 1})
+    session.add(task)
+    session.flush()
+    session.refresh(task)
+    session.expire(task, ["payload"])
+    task.priority = 3
+    sent: list[str] = []
+
+    def record(*args: Any) -> None:
+        sent.append(args[2])
+
+    conn = session.connection()
+    event.listen(conn, "before_cursor_execute", record)
+    try:
+        session.flush()
+    finally:
+        event.remove(conn, "before_cursor_execute", record)
+    assert [statement.split()[0] for statement in sent] == ["UPDATE"]
+    assert task.priority == 3 and task.payload == {"a": 1}
 
 
 def test_status_outside_the_enum_is_refused_by_the_database(session: Session) -> None:
@@ -162,6 +269,26 @@ def test_claim_query_uses_the_partial_index(session: Session) -> None:
     assert "ix_pgotask_task_claim" in plan, plan
 
 
+def test_committed_tasks_wake_workers_once_per_queue(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgotask")
+        with session_factory() as session:
+            session.add_all([Task(kind="k", queue=q) for q in ("a", "b", "a")])
+            session.add(Task(kind="k"))
+            session.flush()
+            assert list(listener.notifies(timeout=0.2)) == []  # not before the commit
+            session.commit()
+        assert sorted(n.payload for n in listener.notifies(timeout=0.5)) == ["a", "b", "default"]
+        with session_factory() as session:
+            session.add(Task(kind="k", queue="c"))
+            session.flush()
+            session.rollback()
+        assert list(listener.notifies(timeout=0.2)) == []
+
+
 def test_rollback_leaves_no_task(session: Session) -> None:
     with session.begin_nested() as savepoint:
         session.add(Task(kind="k"))
@@ -196,6 +323,21 @@ def test_errors_relationship_ordered_and_cascaded(session: Session) -> None:
     assert [e.attempt for e in task.errors] == [1, 2]
     assert task.errors[0].task is task
     session.execute(text("DELETE FROM pgotask_task WHERE id = :id"), {"id": task.id})
+    assert session.scalar(select(func.count()).select_from(TaskError)) == 0
+
+
+def test_errors_are_added_as_rows_not_through_the_collection(session: Session) -> None:
+    task = Task(kind="k")
+    error = TaskError(task=task, attempt=1, exception_type="ValueError")
+    session.add(error)  # the task comes along, and is inserted first
+    session.flush()
+    assert error.task_id == task.id
+    with pytest.raises(TypeError, match=r"Task.errors is read-only .* TaskError\(task=task"):
+        task.errors.append(TaskError(attempt=2, exception_type="KeyError"))
+    with pytest.raises(TypeError, match="read-only"):
+        task.errors.remove(error)
+    session.delete(task)
+    session.flush()
     assert session.scalar(select(func.count()).select_from(TaskError)) == 0
 
 

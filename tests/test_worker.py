@@ -22,7 +22,7 @@ from sqla_pgotask import (
     TaskStatus,
 )
 from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import Outcome, TaskRunner
+from sqla_pgotask._execute import BatchRunner, Outcome, new_context
 from sqla_pgotask.worker import WorkerStats
 
 
@@ -419,11 +419,9 @@ def test_stale_worker_cannot_complete_and_its_writes_roll_back(
             .values(attempts=Task.attempts + 1, locked_by="new")
             .execution_options(synchronize_session=False)
         )
-    runner = TaskRunner(app, scheduler.handlers, "old")
-    try:
-        assert [runner.run(task) for task in claimed] == [Outcome.LOST, Outcome.LOST]
-    finally:
-        runner.close()
+    runner = BatchRunner(app, app.kw["bind"], scheduler.handlers, "old")
+    items = [(task, new_context(task, scheduler.handlers[task.kind])) for task in claimed]
+    assert runner.run_all(items) == [Outcome.LOST, Outcome.LOST]
     assert ledger_ids(app) == []
     with app() as session:
         rows = session.execute(select(Task.status, Task.attempts, Task.locked_by)).all()
@@ -444,11 +442,10 @@ def test_finished_task_cannot_be_completed_again(app: sessionmaker[Session]) -> 
     )
     with app.begin() as session:
         session.execute(update(Task).values(status="cancelled"))
-    runner = TaskRunner(app, scheduler.handlers, "w")
-    try:
-        assert runner.run(task) is Outcome.LOST
-    finally:
-        runner.close()
+    runner = BatchRunner(app, app.kw["bind"], scheduler.handlers, "w")
+    assert runner.run_all([(task, new_context(task, scheduler.handlers["ledger"]))]) == [
+        Outcome.LOST
+    ]
     assert ledger_ids(app) == []
 
 
@@ -605,9 +602,5 @@ def test_interrupted_run_until_idle_gives_back_the_rest_of_its_batch(
         scheduler.run_until_idle(batch_size=3)
     with app() as session:
         rows = session.execute(select(Task.status, Task.attempts).order_by(Task.id)).all()
-    # The interrupted one stays claimed (its lease will expire); the others are free.
-    assert rows == [
-        (TaskStatus.RUNNING, 1),
-        (TaskStatus.PENDING, 0),
-        (TaskStatus.PENDING, 0),
-    ]
+    # Nothing committed: the interrupted one and the others are given back, attempts refunded.
+    assert rows == [(TaskStatus.PENDING, 0)] * 3

@@ -63,52 +63,68 @@ WHERE t.id = due.id
 RETURNING t.*;
 
 -- name: complete
--- Runs in the handler's own transaction, after the handler returned: the
--- handler's writes and this update commit together.  No row matched means
--- the claim was lost; the caller then rolls everything back.
-UPDATE pgotask_task
+-- A batch's completion, in the batch's own transaction after its handlers
+-- returned, so their writes and these updates commit together: one
+-- statement for every task of the batch that succeeded.  It returns the ids
+-- it completed; an id missing means that claim was lost (or cancellation was
+-- requested at the last moment), and the caller rolls the batch back.
+UPDATE pgotask_task AS t
 SET status = 'succeeded',
     finished_at = clock_timestamp(),
-    result = CAST(:result AS jsonb),
+    result = d.result,
     locked_by = NULL,
     lease_expires_at = NULL
-WHERE id = :id AND status = 'running' AND attempts = :attempt
-  AND cancel_requested_at IS NULL;
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+            CAST(:results AS jsonb[])) AS d (id, attempt, result)
+WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+  AND t.cancel_requested_at IS NULL
+RETURNING t.id;
 
 -- name: finish_cancelled
--- The handler's transaction was rolled back because cancellation was
--- requested, or the handler cancelled its own task: it ends 'cancelled'.
-UPDATE pgotask_task
+-- Tasks whose handler's writes were rolled back because cancellation was
+-- requested, or whose handler cancelled its own task: they end 'cancelled'.
+UPDATE pgotask_task AS t
 SET status = 'cancelled',
-    cancel_requested_at = COALESCE(cancel_requested_at, clock_timestamp()),
+    cancel_requested_at = COALESCE(t.cancel_requested_at, clock_timestamp()),
     finished_at = clock_timestamp(),
     locked_by = NULL,
     lease_expires_at = NULL
-WHERE id = :id AND status = 'running' AND attempts = :attempt;
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, attempt)
+WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+RETURNING t.id;
 
 -- name: fail
--- After the handler's transaction was rolled back: record the attempt's error
--- and either schedule the next attempt (:status = 'pending', after :delay
--- seconds) or end the task (:status = 'failed').  The error row is written
--- only if the fence held.
-WITH failed AS (
-    UPDATE pgotask_task
-    SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
-                      ELSE CAST(:status AS varchar) END,
-        run_at = CASE WHEN CAST(:status AS varchar) = 'pending'
-                      THEN clock_timestamp() + make_interval(secs => :delay)
-                      ELSE run_at END,
-        finished_at = CASE WHEN CAST(:status AS varchar) = 'pending'
-                                AND cancel_requested_at IS NULL
+-- After a handler's writes were rolled back: record each attempt's error and
+-- either schedule the next attempt (status 'pending', after its delay in
+-- seconds) or end the task (status 'failed').  An error row is written only
+-- where the fence held; the ids recorded are returned.
+WITH d AS (
+    SELECT *
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+                CAST(:statuses AS varchar[]), CAST(:delays AS float8[]),
+                CAST(:exception_types AS text[]), CAST(:messages AS text[]),
+                CAST(:tracebacks AS text[]))
+        AS d (id, attempt, status, delay, exception_type, message, traceback)
+),
+failed AS (
+    UPDATE pgotask_task AS t
+    SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      ELSE d.status END,
+        run_at = CASE WHEN d.status = 'pending'
+                      THEN clock_timestamp() + make_interval(secs => d.delay)
+                      ELSE t.run_at END,
+        finished_at = CASE WHEN d.status = 'pending' AND t.cancel_requested_at IS NULL
                            THEN NULL ELSE clock_timestamp() END,
         locked_by = NULL,
         lease_expires_at = NULL
-    WHERE id = :id AND status = 'running' AND attempts = :attempt
-    RETURNING id
+    FROM d
+    WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+    RETURNING t.id
 )
 INSERT INTO pgotask_task_error (task_id, attempt, exception_type, message, traceback, worker)
-SELECT id, :attempt, :exception_type, :message, :traceback, :worker
-FROM failed;
+SELECT d.id, d.attempt, d.exception_type, d.message, d.traceback, :worker
+FROM failed JOIN d ON d.id = failed.id
+RETURNING task_id;
 
 -- name: release
 -- Give back a claimed task that never started: no attempt is consumed.
@@ -242,18 +258,28 @@ RETURNING task_id;
 SELECT pgotask_schema_revision();
 
 -- name: bulk_insert
--- Many tasks in one statement and one round trip.  The insert trigger fires
--- once for the statement: one NOTIFY per distinct queue, not one per row.
--- Columns not given take the same defaults as the table's.
+-- Many tasks in one statement and one round trip (add_many).  The payloads
+-- come as one JSON array, serialised once.  Every other column comes either
+-- as one value for all the rows (:kind, :queue, ...), or as an array with one
+-- element per row (:kinds, :queues, ...), or as neither (both NULL): then it
+-- takes the table's default, as does a NULL element or a JSON null payload.
+-- ROWS FROM zips the payloads with the arrays, in order; a NULL array
+-- yields no rows and is padded with NULLs.  The insert trigger fires once for
+-- the statement: one NOTIFY per distinct queue, not one per row.
 INSERT INTO pgotask_task (kind, queue, payload, priority, run_at, max_attempts, dedup_key)
-SELECT kind,
-       COALESCE(queue, 'default'),
-       COALESCE(payload, CAST('{}' AS jsonb)),
-       COALESCE(priority, 0),
-       COALESCE(run_at, now()),
-       max_attempts,
-       dedup_key
-FROM unnest(CAST(:kinds AS text[]), CAST(:queues AS text[]), CAST(:payloads AS jsonb[]),
-            CAST(:priorities AS integer[]), CAST(:run_ats AS timestamptz[]),
-            CAST(:max_attempts AS integer[]), CAST(:dedup_keys AS text[]))
-    AS t (kind, queue, payload, priority, run_at, max_attempts, dedup_key);
+SELECT COALESCE(t.kind, CAST(:kind AS text)),
+       COALESCE(t.queue, CAST(:queue AS text), 'default'),
+       COALESCE(NULLIF(t.payload, CAST('null' AS jsonb)), CAST('{}' AS jsonb)),
+       COALESCE(t.priority, CAST(:priority AS integer), 0),
+       COALESCE(t.run_at, CAST(:run_at AS timestamptz), now()),
+       COALESCE(t.max_attempts, CAST(:max_attempts AS integer)),
+       t.dedup_key
+FROM ROWS FROM (
+         jsonb_array_elements(CAST(:payloads AS jsonb)),
+         unnest(CAST(:kinds AS text[])),
+         unnest(CAST(:queues AS text[])),
+         unnest(CAST(:priorities AS integer[])),
+         unnest(CAST(:run_ats AS timestamptz[])),
+         unnest(CAST(:max_attempts_list AS integer[])),
+         unnest(CAST(:dedup_keys AS text[]))
+     ) AS t (payload, kind, queue, priority, run_at, max_attempts, dedup_key);

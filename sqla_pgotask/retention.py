@@ -1,0 +1,177 @@
+"""Pruning finished tasks: delete old ``succeeded``, ``failed`` and ``cancelled`` rows.
+
+The library never deletes a task by itself.  Call :func:`prune_tasks` (or run
+``pgotask prune``) from a cron job or a timer::
+
+    import datetime as dt
+    from sqla_pgotask import prune_tasks
+
+    deleted = prune_tasks(engine, older_than=dt.timedelta(days=7))
+
+Only tasks in a final status whose ``finished_at`` is older than ``now() -
+older_than`` (the database's clock) are deleted; their ``TaskError`` rows go
+with them (``ON DELETE CASCADE``).  Pending and running tasks are never
+touched.  Rows are deleted in batches of ``batch_size``, each batch a short
+transaction of its own, so pruning a large backlog never holds many locks for
+long, and rows that someone else has locked at that moment are skipped (the
+next run takes them).  See ``docs/pruning.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_pgotask.models import Task, TaskStatus
+from sqla_pgotask.schema import check_schema
+
+__all__ = ["FINISHED_STATUSES", "prune_tasks"]
+
+logger = logging.getLogger("sqla_pgotask.retention")
+
+#: The final statuses: the only ones :func:`prune_tasks` deletes.
+FINISHED_STATUSES: tuple[TaskStatus, ...] = (
+    TaskStatus.SUCCEEDED,
+    TaskStatus.FAILED,
+    TaskStatus.CANCELLED,
+)
+
+DEFAULT_BATCH_SIZE = 10_000
+
+# The cutoff is read once, from the database clock, so that every batch
+# prunes the same set of rows and a run ends even while tasks keep finishing.
+_CUTOFF = text("SELECT now() - CAST(:older_than AS interval)")
+
+# One batch.  It walks the primary key upwards from the last id the previous
+# batch deleted (:after), so each batch starts where the last one stopped
+# instead of re-reading the rows (and dead row versions) already handled: a
+# whole run reads the table about once.  SKIP LOCKED: a row someone else
+# holds is left for the next run rather than waited for.  The errors of the
+# deleted tasks go by the foreign key's ON DELETE CASCADE.
+_DELETE_BATCH = text(
+    """
+    WITH doomed AS (
+        SELECT id
+        FROM pgotask_task
+        WHERE id > :after
+          AND status = ANY(CAST(:statuses AS text[]))
+          AND finished_at < :cutoff
+        ORDER BY id
+        LIMIT :batch_size
+        FOR UPDATE SKIP LOCKED
+    ),
+    deleted AS (
+        DELETE FROM pgotask_task AS t
+        USING doomed
+        WHERE t.id = doomed.id
+        RETURNING t.id
+    )
+    SELECT count(*) AS deleted, max(id) AS last_id FROM deleted
+    """
+)
+
+
+def prune_tasks(
+    bind: Engine | sessionmaker[Session],
+    *,
+    older_than: dt.timedelta,
+    statuses: Iterable[TaskStatus | str] = FINISHED_STATUSES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> int:
+    """Delete tasks in ``statuses`` that finished more than ``older_than`` ago; return how many.
+
+    ``bind`` is an ``Engine`` or the application's ``sessionmaker``.
+    ``statuses`` defaults to every final status (``succeeded``, ``failed``,
+    ``cancelled``); ``pending`` or ``running`` raise ``ValueError``, as do a
+    negative ``older_than`` and a ``batch_size`` below 1.  Each batch of at
+    most ``batch_size`` tasks is deleted and committed in its own
+    transaction.  Raises :class:`~sqla_pgotask.SchemaError` if the schema is
+    missing or outdated.
+    """
+    wanted = _check_statuses(statuses)
+    if not isinstance(older_than, dt.timedelta):
+        raise ValueError(
+            f"older_than must be a datetime.timedelta, not {type(older_than).__name__}"
+        )
+    if older_than < dt.timedelta(0):
+        raise ValueError(f"older_than must not be negative, got {older_than!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+
+    session_factory = bind if isinstance(bind, sessionmaker) else sessionmaker(bind)
+    check_schema(session_factory)
+    with session_factory() as session:
+        cutoff = _scalar(session, _CUTOFF, {"older_than": older_than})
+
+    total, batches, after = 0, 0, 0
+    params: dict[str, Any] = {
+        "statuses": [status.value for status in wanted],
+        "cutoff": cutoff,
+        "batch_size": batch_size,
+    }
+    while True:
+        try:
+            with session_factory.begin() as session:
+                row = session.execute(
+                    _DELETE_BATCH,
+                    {**params, "after": after},
+                    bind_arguments={"mapper": Task.__mapper__},
+                ).one()
+        except Exception:
+            if total:
+                logger.warning("pruning stopped by an error after deleting %d tasks", total)
+            raise
+        deleted = int(row.deleted)
+        batches += 1
+        total += deleted
+        logger.debug("prune batch %d: deleted %d tasks", batches, deleted)
+        # Fewer than asked: the scan reached the end (SKIP LOCKED keeps
+        # scanning past locked rows, so a short batch is the last one).
+        if deleted < batch_size or row.last_id is None:
+            break
+        after = int(row.last_id)
+    logger.info(
+        "pruned %d tasks (%s) finished before %s, in %d batches",
+        total,
+        ", ".join(status.value for status in wanted),
+        cutoff.isoformat() if isinstance(cutoff, dt.datetime) else cutoff,
+        batches,
+    )
+    return total
+
+
+def _check_statuses(statuses: Iterable[TaskStatus | str]) -> tuple[TaskStatus, ...]:
+    """The statuses as :class:`TaskStatus` values, refusing anything but final ones."""
+    if isinstance(statuses, str):
+        raise ValueError(
+            f"statuses must be a collection of statuses, not the string {statuses!r} "
+            f"(did you mean [{statuses!r}]?)"
+        )
+    finished = ", ".join(status.value for status in FINISHED_STATUSES)
+    wanted: list[TaskStatus] = []
+    for value in statuses:
+        try:
+            status = TaskStatus(value)
+        except ValueError:
+            raise ValueError(f"unknown task status {value!r} (choose from {finished})") from None
+        if status not in FINISHED_STATUSES:
+            raise ValueError(
+                f"cannot prune {status.value} tasks: only finished tasks ({finished}) are "
+                "pruned, so that no task that may still run is ever deleted"
+            )
+        if status not in wanted:
+            wanted.append(status)
+    if not wanted:
+        raise ValueError(f"statuses must name at least one of {finished}")
+    return tuple(wanted)
+
+
+def _scalar(session: Session, statement: Any, params: dict[str, Any]) -> Any:
+    return session.execute(
+        statement, params, bind_arguments={"mapper": Task.__mapper__}
+    ).scalar_one()
