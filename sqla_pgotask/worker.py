@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._claim import claim_tasks, release_tasks
+from sqla_pgotask._claim import Claimer, release_tasks
 from sqla_pgotask._execute import (
     BatchLimits,
     BatchLostError,
@@ -137,6 +137,7 @@ class Worker:
         self.bind = engine if bind is None else bind
         self.times = KindTimes()
         self._throughput = Throughput()
+        self._claimer = Claimer(engine)
         self.handlers = dict(handlers)
         self.settings = settings
         self.worker_id = worker_id
@@ -191,6 +192,7 @@ class Worker:
         try:
             self._claim_loop()
         finally:
+            self._claimer.close()
             self._shutdown()
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
@@ -228,8 +230,7 @@ class Worker:
             # Below a quarter of the capacity free, wait for more room.
             if free > 0 and free * 4 >= capacity:
                 try:
-                    tasks = claim_tasks(
-                        self.session_factory,
+                    tasks = self._claimer.claim(
                         worker_id=self.worker_id,
                         kinds=self._max_attempts,
                         queues=settings.queues,

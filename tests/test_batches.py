@@ -51,7 +51,7 @@ def test_a_failing_handler_leaves_none_of_its_writes_and_the_others_keep_theirs(
     with app.begin() as session:  # task 7's insert will hit the primary key
         session.add(Ledger(task_id=ids[7], note="already there"))
 
-    @scheduler.handler("k", max_attempts=3)
+    @scheduler.handler("k", max_attempts=3, retry=3600)  # no retry within the test
     def k(session: Session, task: Task) -> None:
         write_ledger(session, task)
         session.flush()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Task, TaskStatus
@@ -53,16 +53,6 @@ def _statuses(session_factory: sessionmaker[Session]) -> dict[int, tuple[TaskSta
     with session_factory() as session:
         rows = session.execute(select(Task.id, Task.status, Task.attempts)).all()
     return {row.id: (row.status, row.attempts) for row in rows}
-
-
-def _count_running(session_factory: sessionmaker[Session]) -> int:
-    with session_factory() as session:
-        return (
-            session.scalar(
-                select(func.count()).select_from(Task).where(Task.status == TaskStatus.RUNNING)
-            )
-            or 0
-        )
 
 
 # -- module:attribute and arguments ---------------------------------------------
@@ -213,7 +203,7 @@ def test_sigterm_finishes_running_tasks(
         with session_factory.begin() as session:
             tasks = [Task(kind="sleep", payload={"seconds": seconds}) for _ in range(4)]
             session.add_all(tasks)
-        wait_until(lambda: _count_running(session_factory) == 2, 10, message="2 running tasks")
+        wait_until(lambda: worker.log().count("sleep task") == 2, 10, message="2 handlers started")
         sent = time.monotonic()
         worker.send(signal.SIGTERM)
         code = worker.wait(timeout=seconds + 10)
@@ -248,7 +238,7 @@ def test_sigterm_after_the_grace_period_gives_running_tasks_back(
         worker.wait_started()
         with session_factory.begin() as session:
             session.add(Task(kind="sleep", payload={"seconds": 120}))
-        wait_until(lambda: _count_running(session_factory) == 1, 10, message="a running task")
+        worker.wait_for_log("sleep task", timeout=10)  # its handler started
         sent = time.monotonic()
         worker.send(signal.SIGTERM)
         assert worker.wait(timeout=15) == 0
@@ -269,7 +259,7 @@ def test_second_sigint_exits_at_once(
         worker.wait_started()
         with session_factory.begin() as session:
             session.add(Task(kind="sleep", payload={"seconds": 120}))
-        wait_until(lambda: _count_running(session_factory) == 1, 10, message="a running task")
+        worker.wait_for_log("sleep task", timeout=10)  # its handler started
         sent = time.monotonic()
         worker.send(signal.SIGINT)
         # Two signals before the handler ran would be delivered as one.

@@ -12,6 +12,7 @@ for tests that only need the models).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from sqlalchemy import BigInteger, Engine, Integer, MetaData, create_engine
@@ -65,7 +66,8 @@ def ledger(session: Session, task: Task) -> object:
 
 @scheduler.handler("sleep")
 def sleep(session: Session, task: Task) -> object:
-    """Sleep ``payload["seconds"]``, then write this task's ledger row."""
+    """Say so on stderr, sleep ``payload["seconds"]``, then write this task's ledger row."""
+    print(f"sleep task {task.id} started", file=sys.stderr, flush=True)
     time.sleep(float(task.payload.get("seconds", 1.0)))
     _write_ledger(session, task)
     return None
