@@ -31,7 +31,7 @@ Handler = Callable[[dict[str, Any]], None]
 
 NAME = "sqla_pgotask"
 #: ``pool_size`` 0 = ``concurrency + 3`` (handler threads, claim loop, spare)
-DEFAULTS: dict[str, Any] = {"concurrency": 8, "poll_interval": 1.0, "pool_size": 0}
+DEFAULTS: dict[str, Any] = {"concurrency": 4, "poll_interval": 1.0, "pool_size": 0}
 
 #: W2's forms of bulk enqueue: ``add_many(session, tasks)``, ``add_many(session, kind,
 #: payloads)`` (where the library has it), the ORM's ``session.add_all(tasks)``

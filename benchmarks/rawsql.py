@@ -216,7 +216,7 @@ class Worker:
         with conn.cursor() as cur:
             while not stop.is_set():
                 wake.clear()
-                rows = cur.execute(CLAIM, params).fetchall()
+                rows = _retrying(lambda: cur.execute(CLAIM, params).fetchall())
                 finished: list[int] = []
                 failed: list[int] = []
                 params["finished"] = finished
@@ -254,3 +254,19 @@ class Worker:
                         cur.execute(FINISH_LOCKED, {"finished": [r[0] for r in rows]})
                 if not rows:
                     wake.wait(self.poll)
+
+
+def _retrying(statement: Callable[[], Any]) -> Any:
+    """Run an autocommitted statement again if the server chose it as a deadlock victim.
+
+    The two claim loops of a process can deadlock on the completion half of
+    the combined statement; the victim's statement did nothing, so running it
+    again is what a production queue would do.
+    """
+    for attempt in range(10):
+        try:
+            return statement()
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 9:
+                raise
+    return None

@@ -70,9 +70,10 @@ class SqlaPgotaskAdapter(Adapter):
     name = "sqla_pgotask"
     defaults: ClassVar[dict[str, Any]] = {
         "loop": "asyncio",  # the library is sync; the loop only awaits threads
-        # handler threads per worker process; bench.tune W3 (3k jobs, 1-2 procs, noisy box):
-        # 2: 782-829, 4: 688-722, 8: 1305-1542, 16: 1486-1650 jobs/s
-        "concurrency": 8,
+        # handler threads per worker process: the library's default.  With batches,
+        # fewer threads make bigger batches; the project's suite (python3 dev.py bench
+        # --concurrency 2/4/8) measured W5 at 1,672 / 1,865 / 1,354 jobs/s.
+        "concurrency": 4,
         "poll_interval": 1.0,  # fallback poll (s); NOTIFY wakes the claim loop
         "pool_size": 0,  # SQLAlchemy pool per process; 0 = concurrency + 3
         "lease_seconds": 30.0,  # library default

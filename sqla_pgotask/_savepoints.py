@@ -1,29 +1,26 @@
-"""Per-task savepoints that cost one round trip at most, and none without SQL.
+"""Per-task savepoints that cost no round trip of their own, and nothing without SQL.
 
 A batch runs several tasks in one transaction; each task after the first gets
 a Session joined to the batch's connection with
 ``join_transaction_mode="create_savepoint"``, so a failing handler rolls back
 to its own savepoint and the others keep their writes.  Done naively that is
 ``SAVEPOINT`` and ``RELEASE SAVEPOINT``: two extra round trips per task.  The
-dialect's ``do_execute`` events (public SQLAlchemy hooks) trim them, on the
+dialect's ``do_execute`` events (public SQLAlchemy hooks) remove them, on the
 batch's connections only:
 
 * the task's ``SAVEPOINT`` is held back until the handler's first statement
-  and sent just before it; a handler that issues no SQL sends none;
+  and then sent in the same network write (psycopg pipeline mode); a handler
+  that issues no SQL sends none;
 * its ``RELEASE`` is never sent: the savepoint stays open until the batch
   commits (rolling back to it still undoes exactly that task's writes, since
   it is the innermost one while its task runs).  The runner bounds how many
   such savepoints a transaction takes (PostgreSQL's per-backend cache holds
   64 subtransaction ids before every snapshot gets slower).
 
-With :attr:`LazySavepoints.pipeline` the held-back ``SAVEPOINT`` goes out in
-the same network write as the handler's first statement (psycopg pipeline
-mode): no round trip of its own, but on loopback entering and leaving
-pipeline mode costs more client CPU than the round trip it saves
-(``benchmarks/savepoints.py`` measures both), so it is off.
-
-Savepoints a handler takes itself (``session.begin_nested()``) are sent and
-released as usual.
+``benchmarks/savepoints.py`` measures each choice (``pipeline = False``
+sends the held-back savepoint as a round trip of its own).  Savepoints a
+handler takes itself (``session.begin_nested()``) are sent and released as
+usual.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ class LazySavepoints:
     """The state of one batch connection: is a task's savepoint held back?"""
 
     #: Send a held-back savepoint with the next statement in one network write
-    #: (psycopg pipeline mode), rather than just before it.
-    pipeline = False
+    #: (psycopg pipeline mode), rather than as a round trip of its own.
+    pipeline = True
 
     def __init__(self) -> None:
         self.armed = False
