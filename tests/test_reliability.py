@@ -380,8 +380,9 @@ def test_cancel_a_running_task_across_connections(app: sessionmaker[Session], ho
             else:
                 session.execute(text("SELECT pgotask_cancel(:id)"), {"id": task_id})
         wait_until(lambda: status_of(app, task_id) is TaskStatus.CANCELLED, timeout=10)
-    # NOTIFY, not the 5 s heartbeat, told the worker.
-    assert noticed and noticed[0] - requested < 1.0
+    # NOTIFY, not the 5 s heartbeat, told the worker (typically within a few
+    # ms; the bound allows for a stall of the shared machine).
+    assert noticed and noticed[0] - requested < 2.5
     assert stats[0].cancelled == 1
     assert ledger_ids(app) == []
     assert errors_of(app, task_id) == []

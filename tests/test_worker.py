@@ -124,7 +124,9 @@ def test_commit_wakes_an_idle_worker_promptly_and_rollback_enqueues_nothing(
         committed = time.monotonic()
         (task_id,) = add_tasks(app, Task(kind="ping"))
         wait_until(lambda: task_id in started, timeout=5)
-        assert started[task_id] - committed < 1.0
+        # Far below the 30 s poll (typically a few ms; the bound allows for a
+        # stall of the shared machine).
+        assert started[task_id] - committed < 3.0
         time.sleep(0.2)
     assert list(started) == [task_id]
     with app() as session:
