@@ -144,6 +144,21 @@ class Claimer:
         tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return tasks
 
+    def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:
+        """Seconds until the next delayed task of ``kinds`` becomes due, or ``None``."""
+        session = self._session
+        if session is None or not kinds:
+            return None
+        try:
+            seconds = session.execute(
+                query("next_due"),
+                {"kinds": list(kinds), "queues": None if queues is None else list(queues)},
+            ).scalar()
+        except Exception:
+            self.close()
+            raise
+        return None if seconds is None else float(seconds)
+
     def close(self) -> None:
         """Give the connection back (after a failure, or when the worker stops)."""
         session, self._session = self._session, None

@@ -47,6 +47,9 @@ from sqla_pgotask.models import Task
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
+# Seconds after a delayed task's run_at that an idle worker claims again.
+_DUE_MARGIN = 0.005
+
 
 def new_worker_id() -> str:
     """``host:pid:random``, unique per worker instance."""
@@ -227,6 +230,9 @@ class Worker:
             capacity = self.capacity()
             with self._lock:
                 free = capacity - len(self._in_flight)
+            # Jitter, so idle workers woken by the same notification do not
+            # go on polling in step.
+            wait = settings.poll_interval * random.uniform(0.9, 1.1)
             # Below a quarter of the capacity free, wait for more room.
             if free > 0 and free * 4 >= capacity:
                 try:
@@ -251,9 +257,20 @@ class Worker:
                     with self._lock:
                         self._in_flight[task.id] = ctx
                     self._work.put((task, ctx))
-            # Jitter, so idle workers woken by the same notification do not
-            # go on polling in step.
-            self._wake.wait(settings.poll_interval * random.uniform(0.9, 1.1))
+                if len(tasks) < free:  # nothing more is due: when will something be?
+                    wait = min(wait, self._until_next_due())
+            self._wake.wait(wait)
+
+    def _until_next_due(self) -> float:
+        try:
+            seconds = self._claimer.next_due(self._max_attempts, self.settings.queues)
+        except Exception as exc:
+            logger.warning("could not read when the next delayed task is due (%s)", exc)
+            return self.settings.poll_interval
+        if seconds is None:
+            return self.settings.poll_interval
+        # A hair after the task's run_at, so the claim finds it due.
+        return max(seconds, 0.0) + _DUE_MARGIN
 
     def _handler_loop(self) -> None:
         runner = BatchRunner(

@@ -133,6 +133,33 @@ def test_commit_wakes_an_idle_worker_promptly_and_rollback_enqueues_nothing(
         assert session.scalar(select(func.count()).select_from(Task)) == 1
 
 
+def test_an_idle_worker_wakes_when_a_delayed_task_or_retry_is_due(
+    app: sessionmaker[Session],
+) -> None:
+    # poll_interval is 30 s: only waking at the task's run_at is on time.
+    scheduler = Scheduler(app, poll_interval=30)
+    starts: list[float] = []
+
+    @scheduler.handler("later", retry=1.0)
+    def later(session: Session, task: Task) -> None:
+        starts.append(time.monotonic())
+        if task.attempts == 1:
+            raise RuntimeError("again in a second")
+
+    with running(scheduler):
+        time.sleep(0.2)  # idle
+        with app.begin() as session:
+            session.execute(
+                text("INSERT INTO pgotask_task (kind, run_at) VALUES ('later', now() + '1.5 s')")
+            )
+        committed = time.monotonic()
+        wait_until(lambda: len(starts) == 2, timeout=10)
+    # Not before run_at (1.5 s after the transaction began), and not at the next poll.
+    assert 1.3 < starts[0] - committed < 3.0
+    # The retry, 1 s after the failure, is on time as well.
+    assert 0.9 < starts[1] - starts[0] < 2.5
+
+
 def test_plain_sql_insert_is_processed(app: sessionmaker[Session]) -> None:
     scheduler = Scheduler(app, poll_interval=30)
     seen: list[object] = []

@@ -62,6 +62,18 @@ JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind
 WHERE t.id = due.id
 RETURNING t.*;
 
+-- name: next_due
+-- Seconds until the next delayed task of these kinds (and queues) becomes
+-- due, or NULL: an idle claim loop sleeps until then instead of polling.
+-- Only tasks in the future count, so a due task another worker holds never
+-- makes it spin.
+SELECT EXTRACT(EPOCH FROM min(run_at) - now())
+FROM pgotask_task
+WHERE status = 'pending'
+  AND run_at > now()
+  AND kind = ANY(CAST(:kinds AS text[]))
+  AND (CAST(:queues AS text[]) IS NULL OR queue = ANY(CAST(:queues AS text[])));
+
 -- name: complete
 -- A batch's completion, in the batch's own transaction after its handlers
 -- returned, so their writes and these updates commit together: one
