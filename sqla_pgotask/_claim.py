@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +43,27 @@ def claim_tasks(
     """
     if limit <= 0 or not kinds:
         return []
+    statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds)
+    with session_factory() as session:
+        # One statement is its own transaction: autocommit saves the BEGIN and
+        # COMMIT round trips (the row locks still last only for the statement).
+        _autocommit(session)
+        tasks = list(session.scalars(statement, params))
+        # Detach before the commit so an ``expire_on_commit`` sessionmaker
+        # keeps the loaded values.
+        session.expunge_all()
+        session.commit()
+    return _in_claim_order(tasks)
+
+
+def _claim(
+    worker_id: str,
+    kinds: Mapping[str, int],
+    queues: Sequence[str] | None,
+    limit: int,
+    lease_seconds: float,
+) -> tuple[Any, dict[str, object]]:
+    """The ORM statement of a claim (it loads ``Task`` objects) and its parameters."""
     params: dict[str, object] = {
         "kinds": list(kinds),
         "max_attempts": list(kinds.values()),
@@ -48,25 +71,19 @@ def claim_tasks(
         "worker": worker_id,
         "lease_seconds": float(lease_seconds),
     }
-    if queues is None:
-        statement = query("claim")
-    else:
-        statement = query("claim_in_queues")
+    name = "claim"
+    if queues is not None:
+        name = "claim_in_queues"
         params["queues"] = list(queues)
-    with session_factory() as session:
-        # One statement is its own transaction: autocommit saves the BEGIN and
-        # COMMIT round trips (the row locks still last only for the statement).
-        _autocommit(session)
-        tasks = list(
-            session.scalars(
-                select(Task).from_statement(statement).execution_options(populate_existing=True),
-                params,
-            )
-        )
-        # Detach before the commit so an ``expire_on_commit`` sessionmaker
-        # keeps the loaded values.
-        session.expunge_all()
-        session.commit()
+    return _orm_statement(name), params
+
+
+@cache
+def _orm_statement(name: str) -> Any:
+    return select(Task).from_statement(query(name)).execution_options(populate_existing=True)
+
+
+def _in_claim_order(tasks: list[Task]) -> list[Task]:
     tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
     return tasks
 
@@ -97,10 +114,6 @@ class Claimer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._session: Session | None = None
-        self._statements = {
-            name: select(Task).from_statement(query(name)).execution_options(populate_existing=True)
-            for name in ("claim", "claim_in_queues")
-        }
 
     def claim(
         self,
@@ -114,17 +127,7 @@ class Claimer:
         """As :func:`claim_tasks`, on the kept connection (opened again after a failure)."""
         if limit <= 0 or not kinds:
             return []
-        params: dict[str, object] = {
-            "kinds": list(kinds),
-            "max_attempts": list(kinds.values()),
-            "limit": limit,
-            "worker": worker_id,
-            "lease_seconds": float(lease_seconds),
-        }
-        name = "claim"
-        if queues is not None:
-            name = "claim_in_queues"
-            params["queues"] = list(queues)
+        statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds)
         session = self._session
         if session is None:
             conn = self.engine.connect()
@@ -134,15 +137,14 @@ class Claimer:
             conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             session = self._session = Session(bind=conn)
         try:
-            tasks = list(session.scalars(self._statements[name], params))
+            tasks = list(session.scalars(statement, params))
         except Exception:
             self.close()
             raise
         finally:
             if self._session is not None:
                 session.expunge_all()
-        tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
-        return tasks
+        return _in_claim_order(tasks)
 
     def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:
         """Seconds until the next delayed task of ``kinds`` becomes due, or ``None``."""

@@ -257,7 +257,7 @@ class Worker:
                     with self._lock:
                         self._in_flight[task.id] = ctx
                     self._work.put((task, ctx))
-                if len(tasks) < free:  # nothing more is due: when will something be?
+                if not tasks:  # nothing is due: when will something be?
                     wait = min(wait, self._until_next_due())
             self._wake.wait(wait)
 
@@ -364,9 +364,10 @@ class Worker:
         delay = 0.05
         deadline = time.monotonic() + self.settings.timing.lease
         pending = [ctx for ctx in started if not ctx.lost]
+        outcomes: list[tuple[AttemptContext, Outcome | None]] = []
         while pending and time.monotonic() < deadline:
             try:
-                self._settle(runner.record_failures(pending, exc))
+                outcomes = list(runner.record_failures(pending, exc))
                 pending = []
             except Exception:
                 time.sleep(delay)
@@ -377,7 +378,8 @@ class Worker:
                 "outcome of tasks %s not recorded; their leases will expire",
                 [ctx.task_id for ctx in pending],
             )
-        self._settle([(ctx, None) for ctx in started])
+        recorded = {id(ctx) for ctx, _ in outcomes}
+        self._settle(outcomes + [(ctx, None) for ctx in started if id(ctx) not in recorded])
 
     def _shutdown(self) -> None:
         # 1. Claimed tasks no handler started: back to pending, attempt refunded.
