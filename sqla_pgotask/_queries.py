@@ -1,4 +1,4 @@
-"""Named SQL statements, loaded from ``sql/queries.sql``."""
+"""Named SQL statements, loaded from the ``sql/*.sql`` files of the package."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 @cache
 def _load() -> dict[str, str]:
-    source = files("sqla_pgotask").joinpath("sql/queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(source)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {
-        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
-    }
+    statements: dict[str, str] = {}
+    for path in sorted(files("sqla_pgotask").joinpath("sql").iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(path.read_text(encoding="utf-8"))
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in statements:
+                raise RuntimeError(f"statement {name!r} is defined twice in sqla_pgotask/sql")
+            statements[name] = body.strip().rstrip(";")
+    return statements
 
 
 @cache

@@ -25,6 +25,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
+    FetchedValue,
     ForeignKey,
     Identity,
     Index,
@@ -52,6 +53,9 @@ from sqla_pgotask.errors import InvalidPayloadError
 TASK_TABLE = "pgotask_task"
 TASK_ERROR_TABLE = "pgotask_task_error"
 WORKER_TABLE = "pgotask_worker"
+SCHEDULE_TABLE = "pgotask_schedule"
+QUEUE_TABLE = "pgotask_queue"
+LIMIT_TABLE = "pgotask_limit"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -129,13 +133,27 @@ class Task(Base):
     dedup_key: Mapped[str | None] = mapped_column(_NULLABLE_TEXT)
     created_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
+    # ``FetchedValue``: the dedup trigger may set these on insert, so a new
+    # task's values are read back from the row rather than assumed NULL.
+    finished_at: Mapped[dt.datetime | None] = mapped_column(
+        _NULLABLE_TZ, server_default=FetchedValue()
+    )
     locked_by: Mapped[str | None] = mapped_column(_NULLABLE_TEXT)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
-    result: Mapped[Any | None] = mapped_column(JSONB)
+    result: Mapped[Any | None] = mapped_column(JSONB, server_default=FetchedValue())
     #: Set to request cancellation (``scheduler.cancel()`` or plain SQL): a
     #: pending task is cancelled at once, a running one when its handler ends.
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
+    #: With a ``dedup_key``: what adding this task does while a live task of
+    #: the same kind and key exists.  ``None`` or ``"ignore"``: nothing (this
+    #: row is stored ``cancelled``, see :attr:`duplicate_of`); ``"replace"``:
+    #: the pending original takes this task's payload, ``run_at``, priority,
+    #: queue and ``max_attempts`` (debounce).
+    on_duplicate: Mapped[str | None] = mapped_column(_NULLABLE_TEXT)
+    #: The periodic schedule this task was enqueued by, and the slot (the
+    #: instant the schedule fired) it runs for; ``None`` for other tasks.
+    schedule: Mapped[str | None] = mapped_column(_NULLABLE_TEXT)
+    slot: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
 
     #: The task's failed attempts, oldest first.  The worker writes them; this
     #: collection only reads them (appending to it raises): a read-only
@@ -152,6 +170,7 @@ class Task(Base):
     __table_args__ = (
         CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="max_attempts_positive"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint("on_duplicate IN ('ignore', 'replace')", name="on_duplicate"),
         # The claim query walks this index in claim order over pending rows
         # only, so finished rows never slow it down.
         Index(
@@ -169,6 +188,15 @@ class Task(Base):
             unique=True,
             postgresql_where=text("dedup_key IS NOT NULL AND status IN ('pending', 'running')"),
         ),
+        # The periodic fence: one task per (schedule, slot), however many
+        # workers enqueue it.
+        Index(
+            "uq_pgotask_task_slot",
+            "schedule",
+            "slot",
+            unique=True,
+            postgresql_where=text("schedule IS NOT NULL"),
+        ),
         # Lease rescue looks up running rows by expiry.
         Index(
             "ix_pgotask_task_lease",
@@ -176,6 +204,21 @@ class Task(Base):
             postgresql_where=text("status = 'running'"),
         ),
     )
+
+    @property
+    def duplicate_of(self) -> int | None:
+        """The id of the live task this one duplicated, if adding it was a no-op.
+
+        Read after the flush: a task added with a ``dedup_key`` while a
+        pending or running task of the same kind and key existed is stored
+        ``cancelled``, and this names the task that stands instead.
+        """
+        if self.dedup_key is None or self.status is not TaskStatus.CANCELLED:
+            return None
+        result = self.result
+        if isinstance(result, dict) and isinstance(result.get("duplicate_of"), int):
+            return int(result["duplicate_of"])
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -226,6 +269,54 @@ class RegisteredWorker(Base):
 
     def __repr__(self) -> str:
         return f"<RegisteredWorker {self.id} kinds={self.kinds} queues={self.queues}>"
+
+
+class ScheduleState(Base):
+    """A periodic schedule as the database knows it: the last slot enqueued.
+
+    Workers write it; the row of a schedule removed from the code stays,
+    inert, until deleted.
+    """
+
+    __tablename__ = SCHEDULE_TABLE
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    expression: Mapped[str] = mapped_column(Text)
+    timezone: Mapped[str] = mapped_column(Text)
+    last_slot: Mapped[dt.datetime | None] = mapped_column(_TZ)
+    updated_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<ScheduleState {self.name!r} {self.expression!r} last_slot={self.last_slot}>"
+
+
+class QueueState(Base):
+    """A queue's fleet-wide state: paused when ``paused_at`` is set."""
+
+    __tablename__ = QUEUE_TABLE
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    paused_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
+    updated_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<QueueState {self.name!r} paused_at={self.paused_at}>"
+
+
+class LimitState(Base):
+    """The state of one fleet-wide limit (``kind:<name>`` or ``queue:<name>``)."""
+
+    __tablename__ = LIMIT_TABLE
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    recent_starts: Mapped[list[dt.datetime]] = mapped_column(
+        ARRAY(_TZ), server_default=text("'{}'")
+    )
+    updated_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<LimitState {self.key!r}>"
 
 
 #: ``json.dumps(value, allow_nan=False)``, without building an encoder per call.

@@ -280,14 +280,17 @@ def test_deeply_nested_payload_is_refused(session: Session) -> None:
         add_many(session, "deep", [payload])
 
 
-def test_add_many_respects_the_dedup_index(session: Session) -> None:
-    session.add(Task(kind="k", dedup_key="d"))
+def test_add_many_duplicates_are_no_ops(session: Session) -> None:
+    first = Task(kind="k", dedup_key="d")
+    session.add(first)
     session.flush()
-    with pytest.raises(IntegrityError, match="uq_pgotask_task_dedup"), session.begin_nested():
-        add_many(session, [Task(kind="k", dedup_key="d")])
-    with pytest.raises(IntegrityError, match="uq_pgotask_task_dedup"), session.begin_nested():
-        add_many(session, [{"kind": "k", "dedup_key": "e"}, {"kind": "k", "dedup_key": "e"}])
-    assert _count(session) == 1
+    add_many(session, [Task(kind="k", dedup_key="d")])
+    add_many(session, [{"kind": "k", "dedup_key": "e"}, {"kind": "k", "dedup_key": "e"}])
+    live = session.execute(
+        text("SELECT kind, dedup_key FROM pgotask_task WHERE status = 'pending' ORDER BY id")
+    ).all()
+    assert [tuple(row) for row in live] == [("k", "d"), ("k", "e")]
+    assert _count(session) == 4
 
 
 def test_database_errors_come_from_the_database(session: Session) -> None:

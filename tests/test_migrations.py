@@ -172,8 +172,17 @@ def test_step_by_step_upgrade_and_downgrade_to_base_leave_nothing(db: Engine) ->
         "pgotask_notify_insert",
         "pgotask_on_cancel_request",
         "pgotask_cancel",
+        "pgotask_dedup",
+        "pgotask_notify_resume",
+        "pgotask_pause_queue",
+        "pgotask_resume_queue",
     }
-    assert installed["trigger"] == {"pgotask_task_notify_insert", "pgotask_task_cancel_request"}
+    assert installed["trigger"] == {
+        "pgotask_task_notify_insert",
+        "pgotask_task_cancel_request",
+        "pgotask_task_dedup",
+        "pgotask_queue_resumed",
+    }
 
     for previous in [None, *REVISIONS][-2::-1]:
         downgrade(db, "-1")

@@ -235,17 +235,29 @@ def test_max_attempts_must_be_positive(session: Session) -> None:
 
 
 def test_dedup_key_unique_while_pending_or_running(session: Session) -> None:
-    session.add(Task(kind="k", dedup_key="d"))
-    session.add(Task(kind="other", dedup_key="d"))  # another kind: fine
+    first = Task(kind="k", dedup_key="d")
+    other_kind = Task(kind="other", dedup_key="d")  # another kind: its own key
+    session.add_all([first, other_kind])
     session.flush()
-    with session.begin_nested():
-        session.add(Task(kind="k", dedup_key="d"))
-        with pytest.raises(IntegrityError, match="uq_pgotask_task_dedup"):
-            session.flush()
+    duplicate = Task(kind="k", dedup_key="d")
+    session.add(duplicate)
+    session.flush()  # no error: a no-op, stored as a cancelled duplicate
+    assert (first.status, other_kind.status) == (TaskStatus.PENDING, TaskStatus.PENDING)
+    assert duplicate.status is TaskStatus.CANCELLED
+    assert duplicate.duplicate_of == first.id
+    assert first.duplicate_of is None
+    # The index still holds against anything that bypasses the insert trigger.
+    with pytest.raises(IntegrityError, match="uq_pgotask_task_dedup"), session.begin_nested():
+        session.execute(
+            text("UPDATE pgotask_task SET status = 'pending' WHERE id = :id"),
+            {"id": duplicate.id},
+        )
     # Once finished, the key is free again.
     session.execute(text("UPDATE pgotask_task SET status = 'succeeded' WHERE kind = 'k'"))
-    session.add(Task(kind="k", dedup_key="d"))
+    again = Task(kind="k", dedup_key="d")
+    session.add(again)
     session.flush()
+    assert again.status is TaskStatus.PENDING
 
 
 def test_claim_query_uses_the_partial_index(session: Session) -> None:

@@ -8,7 +8,7 @@
 
 -- name: claim
 -- Claim up to :limit due tasks of the kinds this worker handles, in priority
--- order.  SKIP LOCKED lets concurrent workers (and application inserts) pass
+-- order, from queues that are not paused.  SKIP LOCKED lets concurrent workers (and application inserts) pass
 -- each other without waiting; the transaction is committed at once, so the
 -- row locks last for this statement only.  A task without max_attempts takes
 -- its handler's setting here, so any worker can later tell whether a lost
@@ -19,6 +19,7 @@ WITH due AS (
     WHERE status = 'pending'
       AND run_at <= now()
       AND kind = ANY(CAST(:kinds AS text[]))
+      AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -45,6 +46,7 @@ WITH due AS (
       AND run_at <= now()
       AND kind = ANY(CAST(:kinds AS text[]))
       AND queue = ANY(CAST(:queues AS text[]))
+      AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -72,7 +74,8 @@ FROM pgotask_task
 WHERE status = 'pending'
   AND run_at > now()
   AND kind = ANY(CAST(:kinds AS text[]))
-  AND (CAST(:queues AS text[]) IS NULL OR queue = ANY(CAST(:queues AS text[])));
+  AND (CAST(:queues AS text[]) IS NULL OR queue = ANY(CAST(:queues AS text[])))
+  AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL));
 
 -- name: complete
 -- A batch's completion, in the batch's own transaction after its handlers
