@@ -16,12 +16,14 @@ from sqla_pgotask.errors import (
     NonRetryableError,
     PgotaskError,
     SchemaError,
+    Snooze,
     TaskCancelledError,
     TaskTimeoutError,
     UnknownKindError,
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
+from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
 from sqla_pgotask.retention import prune_tasks
 from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
 from sqla_pgotask.scheduler import Scheduler
@@ -43,6 +45,7 @@ __all__ = [
     "RetryStrategy",
     "Scheduler",
     "SchemaError",
+    "Snooze",
     "Task",
     "TaskCancelledError",
     "TaskError",
@@ -53,7 +56,10 @@ __all__ = [
     "WorkerStats",
     "add_many",
     "current_attempt",
+    "pause_queue",
+    "paused_queues",
     "prune_tasks",
+    "resume_queue",
 ]
 
 __version__ = "0.1.0"

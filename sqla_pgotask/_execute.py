@@ -35,7 +35,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask import _savepoints
 from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, reset_current, set_current
-from sqla_pgotask.errors import HandlerTransactionError, TaskCancelledError, TaskTimeoutError
+from sqla_pgotask.errors import (
+    HandlerTransactionError,
+    Snooze,
+    TaskCancelledError,
+    TaskTimeoutError,
+)
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Task, TaskStatus
 
@@ -68,6 +73,9 @@ class Outcome(str, enum.Enum):
     #: Given back without consuming an attempt: its batch had to be rolled
     #: back because another task's claim was lost at the last moment.
     RELEASED = "released"
+    #: The handler raised :class:`~sqla_pgotask.Snooze`: pending again, later,
+    #: without using an attempt.
+    SNOOZED = "snoozed"
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,7 @@ class _Chunk:
     failed: list[tuple[AttemptContext, Handler, Exception]] = field(default_factory=list)
     cancelled: list[AttemptContext] = field(default_factory=list)
     lost: list[AttemptContext] = field(default_factory=list)
+    snoozed: list[tuple[AttemptContext, float]] = field(default_factory=list)
 
 
 class BatchRunner:
@@ -330,6 +339,8 @@ class BatchRunner:
             chunk.lost.append(ctx)
         elif isinstance(exc, TaskCancelledError) or ctx.cancel_requested:
             chunk.cancelled.append(ctx)
+        elif isinstance(exc, Snooze):
+            chunk.snoozed.append((ctx, exc.seconds))
         else:
             if ctx.timed_out and not isinstance(exc, TaskTimeoutError):
                 timeout = TaskTimeoutError(ctx.timeout_message())
@@ -378,6 +389,21 @@ class BatchRunner:
                     )
         if chunk.failed:
             outcomes += self._record_failures(conn, chunk.failed)
+        if chunk.snoozed:
+            snoozed = set(
+                conn.execute(
+                    query("snooze"),
+                    {
+                        "ids": [c.task_id for c, _ in chunk.snoozed],
+                        "attempts": [c.attempt for c, _ in chunk.snoozed],
+                        "delays": [delay for _, delay in chunk.snoozed],
+                    },
+                ).scalars()
+            )
+            outcomes += [
+                (c, Outcome.SNOOZED if c.task_id in snoozed else Outcome.LOST)
+                for c, _ in chunk.snoozed
+            ]
         if chunk.cancelled:
             ended = set(
                 conn.execute(

@@ -244,6 +244,46 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Pause, resume or list paused queues, fleet-wide (see docs/queues.md)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
+    from sqla_pgotask.schema import check_schema
+
+    engine = create_engine(_database_url(args))
+    try:
+        factory = sessionmaker(engine)
+        check_schema(factory)
+        with factory.begin() as session:
+            paused = paused_queues(session)
+            if args.action == "pause":
+                pause_queue(session, args.name)
+            elif args.action == "resume":
+                resume_queue(session, args.name)
+    finally:
+        engine.dispose()
+    if args.action == "list":
+        if args.json:
+            print(json.dumps({name: when.isoformat() for name, when in paused.items()}))
+        elif not paused:
+            print("no queue is paused")
+        else:
+            for name, when in paused.items():
+                print(f"{name}\tpaused since {when.isoformat(timespec='seconds')}")
+        return EXIT_OK
+    now_paused = args.action == "pause"
+    changed = (args.name in paused) != now_paused
+    if args.json:
+        print(json.dumps({"queue": args.name, "paused": now_paused, "changed": changed}))
+    else:
+        state = "paused" if now_paused else "resumed"
+        was = "paused" if now_paused else "not paused"
+        print(f"queue {args.name!r} {state}" + ("" if changed else f" (it was {was} already)"))
+    return EXIT_OK
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Install or upgrade the library's tables with its standalone Alembic environment."""
     from sqlalchemy import create_engine
@@ -335,6 +375,12 @@ def _finished_status(value: str) -> TaskStatus:
             f"{status.value} tasks cannot be pruned: only finished ones ({finished})"
         )
     return status
+
+
+def _queue_name(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("a queue name must not be empty")
+    return value
 
 
 def _non_negative_float(value: str) -> float:
@@ -443,6 +489,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
     prune.add_argument("--json", action="store_true", help="print the result as JSON")
     prune.set_defaults(func=cmd_prune)
+
+    queue = commands.add_parser(
+        "queue", help="pause, resume or list paused queues", description=cmd_queue.__doc__
+    )
+    actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("pause", "stop every worker from claiming the queue's tasks (running ones finish)"),
+        ("resume", "let workers claim the queue's tasks again"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument("name", type=_queue_name, help="the queue")
+        sub.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+        sub.add_argument("--json", action="store_true", help="print the result as JSON")
+        sub.set_defaults(func=cmd_queue)
+    listing = actions.add_parser(
+        "list", help="list paused queues", description="list paused queues"
+    )
+    listing.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    listing.add_argument("--json", action="store_true", help="print the result as JSON")
+    listing.set_defaults(func=cmd_queue)
     return parser
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import InvalidPayloadError
-from sqla_pgotask.models import Task, dump_payload, encode_json
+from sqla_pgotask.models import Task, check_on_duplicate, dump_payload, encode_json
 
 __all__ = ["TaskFields", "add_many"]
 
@@ -50,11 +50,12 @@ class TaskFields(_RequiredTaskFields, total=False):
     run_at: dt.datetime | None
     max_attempts: int | None
     dedup_key: str | None
+    on_duplicate: Literal["ignore", "replace"] | None
 
 
 #: Keys a task mapping may have: the columns an enqueue may set.
 _FIELDS: Final = frozenset(
-    {"kind", "payload", "queue", "priority", "run_at", "max_attempts", "dedup_key"}
+    {"kind", "payload", "queue", "priority", "run_at", "max_attempts", "dedup_key", "on_duplicate"}
 )
 
 #: The optional columns that may vary from task to task, and their array parameter.
@@ -64,6 +65,7 @@ _PER_TASK: Final = (
     ("run_at", "run_ats"),
     ("max_attempts", "max_attempts_list"),
     ("dedup_key", "dedup_keys"),
+    ("on_duplicate", "on_duplicates"),
 )
 
 #: The columns of a ``Task`` that add_many() cannot set.
@@ -154,8 +156,11 @@ def add_many(
     Everything is checked before anything is sent: a payload that is not
     JSON-serialisable raises :class:`~sqla_pgotask.InvalidPayloadError`
     naming the task's position and kind, and so does a task without a kind; an
-    unknown key raises ``TypeError``.  A duplicate live ``(kind, dedup_key)``
-    fails the statement with ``IntegrityError``, as it fails a flush.
+    unknown key raises ``TypeError``.  A task whose ``(kind, dedup_key)``
+    matches a live task (or an earlier task of the same call) is a no-op, as
+    with ``session.add``: its row is stored ``cancelled`` as a duplicate, or
+    with ``"on_duplicate": "replace"`` it updates the pending original (see
+    ``docs/deduplication.md``).
     """
     if isinstance(tasks, str):
         if payloads is None:
@@ -246,6 +251,13 @@ def _rows_params(tasks: Iterable[Task | Mapping[str, Any]]) -> tuple[int, dict[s
     for column, array in _PER_TASK:
         if column in keys:
             params[array] = [row.get(column) for row in rows]
+    if "on_duplicate" in keys:
+        for index, row in enumerate(rows):
+            value = row.get("on_duplicate")
+            try:
+                check_on_duplicate(value)
+            except ValueError as exc:
+                raise ValueError(f"add_many(): task {index}: {exc}") from None
     params["payloads"] = _dump_payloads([row.get("payload") for row in rows], kinds.__getitem__)
     return len(rows), params
 

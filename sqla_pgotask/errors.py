@@ -31,6 +31,22 @@ class NonRetryableError(Exception):
     """Raise (or subclass) this in a handler to fail the task without further attempts."""
 
 
+class Snooze(Exception):  # noqa: N818 (a request, not an error)
+    """Raise in a handler to run the task again later without using an attempt.
+
+    ``raise Snooze(30)``: the attempt's writes are rolled back, the task goes
+    back to ``pending`` with ``run_at`` 30 seconds from now (the database's
+    clock), and its attempt count is given back; no ``TaskError`` is written.
+    For "not yet" conditions: a resource not ready, a rate limit elsewhere.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+            raise ValueError(f"Snooze needs a number of seconds >= 0, not {seconds!r}")
+        super().__init__(f"snoozed for {seconds:g} s")
+        self.seconds = float(seconds)
+
+
 class TaskCancelledError(Exception):
     """Raised by ``current_attempt().check()`` once cancellation was requested.
 

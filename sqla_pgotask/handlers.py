@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,7 @@ class Handler:
         run_at: dt.datetime | None = None,
         max_attempts: int | None = None,
         dedup_key: str | None = None,
+        on_duplicate: Literal["ignore", "replace"] | None = None,
     ) -> Task:
         """A new ``Task`` of this handler's kind, in its queue, to ``session.add()``."""
         values: dict[str, Any] = {"kind": self.kind, "queue": queue or self.queue}
@@ -64,6 +65,8 @@ class Handler:
             values["max_attempts"] = max_attempts
         if dedup_key is not None:
             values["dedup_key"] = dedup_key
+        if on_duplicate is not None:
+            values["on_duplicate"] = on_duplicate
         return Task(**values)
 
     def retryable(self, exc: BaseException) -> bool:

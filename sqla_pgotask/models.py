@@ -46,6 +46,7 @@ from sqlalchemy.orm import (
     Mapper,
     mapped_column,
     relationship,
+    validates,
 )
 
 from sqla_pgotask.errors import InvalidPayloadError
@@ -205,6 +206,11 @@ class Task(Base):
         ),
     )
 
+    @validates("on_duplicate")
+    def _check_on_duplicate(self, key: str, value: str | None) -> str | None:
+        check_on_duplicate(value)
+        return value
+
     @property
     def duplicate_of(self) -> int | None:
         """The id of the live task this one duplicated, if adding it was a no-op.
@@ -317,6 +323,15 @@ class LimitState(Base):
 
     def __repr__(self) -> str:
         return f"<LimitState {self.key!r}>"
+
+
+ON_DUPLICATE = ("ignore", "replace")
+
+
+def check_on_duplicate(value: object) -> None:
+    """Raise :class:`ValueError` unless ``value`` is a valid ``on_duplicate`` (or ``None``)."""
+    if value is not None and value not in ON_DUPLICATE:
+        raise ValueError(f"on_duplicate must be 'ignore', 'replace' or None, not {value!r}")
 
 
 #: ``json.dumps(value, allow_nan=False)``, without building an encoder per call.

@@ -157,7 +157,7 @@ class Scheduler:
         """A new ``Task`` of a registered ``kind``; unknown kinds raise :class:`UnknownKindError`.
 
         ``options`` are those of :meth:`Handler.task` (``queue``, ``priority``,
-        ``run_at``, ``max_attempts``, ``dedup_key``).
+        ``run_at``, ``max_attempts``, ``dedup_key``, ``on_duplicate``).
         """
         try:
             handler = self._handlers[kind]

@@ -40,10 +40,12 @@ from sqla_pgotask._execute import (
 )
 from sqla_pgotask._listener import Listener
 from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
+from sqla_pgotask._periodic_thread import PeriodicThread
 from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Task
+from sqla_pgotask.periodic import Schedule
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
@@ -82,6 +84,8 @@ class WorkerStats:
     #: Tasks that ran but were given back without using an attempt, because
     #: their batch had to be rolled back (another task's claim changed).
     released: int = 0
+    #: Attempts whose handler raised :class:`~sqla_pgotask.Snooze`.
+    snoozed: int = 0
 
     def count(self, outcome: Outcome) -> None:
         """Add one ``outcome``."""
@@ -91,7 +95,9 @@ class WorkerStats:
     @property
     def total(self) -> int:
         """Attempts that ran to an outcome."""
-        return self.succeeded + self.retried + self.failed + self.cancelled + self.lost
+        return (
+            self.succeeded + self.retried + self.failed + self.cancelled + self.lost + self.snoozed
+        )
 
 
 class Throughput:
@@ -135,6 +141,7 @@ class Worker:
         settings: WorkerSettings,
         worker_id: str,
         bind: Engine | Connection | None = None,
+        schedules: Sequence[Schedule] = (),
     ) -> None:
         self.session_factory = session_factory
         self.bind = engine if bind is None else bind
@@ -167,6 +174,8 @@ class Worker:
         self.maintenance = Maintenance(
             engine, self.identity, settings.timing, self._attempts, self._wake.set
         )
+        # Enqueues the periodic schedules of this worker's kinds and queues.
+        self.periodic = PeriodicThread(engine, schedules) if schedules else None
 
     def stop(self) -> None:
         """Ask the worker to stop; :meth:`run` returns once in-flight tasks finished."""
@@ -186,6 +195,8 @@ class Worker:
             session.execute(query("register_worker"), self.identity.params())
         self.listener.start()
         self.maintenance.start()
+        if self.periodic is not None:
+            self.periodic.start()
         for n in range(self.settings.concurrency):
             thread = threading.Thread(
                 target=self._handler_loop, name=f"pgotask-handler-{n}", daemon=True
@@ -382,6 +393,9 @@ class Worker:
         self._settle(outcomes + [(ctx, None) for ctx in started if id(ctx) not in recorded])
 
     def _shutdown(self) -> None:
+        # 0. No more periodic slots from this worker.
+        if self.periodic is not None:
+            self.periodic.stop()
         # 1. Claimed tasks no handler started: back to pending, attempt refunded.
         unstarted: list[Task] = []
         while True:

@@ -22,7 +22,7 @@ BEFORE_START = 500
 
 _STATS = re.compile(
     r"stopped: WorkerStats\(succeeded=(\d+), retried=(\d+), failed=(\d+), "
-    r"cancelled=(\d+), lost=(\d+), interrupted=(\d+), released=(\d+)\)"
+    r"cancelled=(\d+), lost=(\d+), interrupted=(\d+), released=(\d+), snoozed=(\d+)\)"
 )
 
 

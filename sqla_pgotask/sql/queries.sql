@@ -108,6 +108,23 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, atte
 WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
 RETURNING t.id;
 
+-- name: snooze
+-- Handlers that raised Snooze: back to pending at their own delay, the
+-- attempt given back, no error recorded (a task cancelled meanwhile ends
+-- 'cancelled').
+UPDATE pgotask_task AS t
+SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'pending' END,
+    attempts = t.attempts - 1,
+    run_at = clock_timestamp() + make_interval(secs => d.delay),
+    started_at = NULL,
+    finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL THEN clock_timestamp() END,
+    locked_by = NULL,
+    lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+            CAST(:delays AS float8[])) AS d (id, attempt, delay)
+WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+RETURNING t.id;
+
 -- name: fail
 -- After a handler's writes were rolled back: record each attempt's error and
 -- either schedule the next attempt (status 'pending', after its delay in
@@ -281,14 +298,16 @@ SELECT pgotask_schema_revision();
 -- ROWS FROM zips the payloads with the arrays, in order; a NULL array
 -- yields no rows and is padded with NULLs.  The insert trigger fires once for
 -- the statement: one NOTIFY per distinct queue, not one per row.
-INSERT INTO pgotask_task (kind, queue, payload, priority, run_at, max_attempts, dedup_key)
+INSERT INTO pgotask_task (kind, queue, payload, priority, run_at, max_attempts, dedup_key,
+                          on_duplicate)
 SELECT COALESCE(t.kind, CAST(:kind AS text)),
        COALESCE(t.queue, CAST(:queue AS text), 'default'),
        COALESCE(NULLIF(t.payload, CAST('null' AS jsonb)), CAST('{}' AS jsonb)),
        COALESCE(t.priority, CAST(:priority AS integer), 0),
        COALESCE(t.run_at, CAST(:run_at AS timestamptz), now()),
        COALESCE(t.max_attempts, CAST(:max_attempts AS integer)),
-       t.dedup_key
+       t.dedup_key,
+       t.on_duplicate
 FROM ROWS FROM (
          jsonb_array_elements(CAST(:payloads AS jsonb)),
          unnest(CAST(:kinds AS text[])),
@@ -296,5 +315,6 @@ FROM ROWS FROM (
          unnest(CAST(:priorities AS integer[])),
          unnest(CAST(:run_ats AS timestamptz[])),
          unnest(CAST(:max_attempts_list AS integer[])),
-         unnest(CAST(:dedup_keys AS text[]))
-     ) AS t (payload, kind, queue, priority, run_at, max_attempts, dedup_key);
+         unnest(CAST(:dedup_keys AS text[])),
+         unnest(CAST(:on_duplicates AS text[]))
+     ) AS t (payload, kind, queue, priority, run_at, max_attempts, dedup_key, on_duplicate);
