@@ -6,6 +6,7 @@ Session of the application's ``sessionmaker``, and the handler's writes commit
 together with the task's completion, or not at all.
 """
 
+from sqla_pgotask._limits import QueueLimit, RateLimit
 from sqla_pgotask.context import AttemptContext, current_attempt
 from sqla_pgotask.enqueue import TaskFields, add_many
 from sqla_pgotask.errors import (
@@ -23,8 +24,9 @@ from sqla_pgotask.errors import (
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
+from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
-from sqla_pgotask.retention import prune_tasks
+from sqla_pgotask.retention import Retention, prune_tasks
 from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker import WorkerStats
@@ -41,8 +43,12 @@ __all__ = [
     "InvalidPayloadError",
     "NonRetryableError",
     "PgotaskError",
+    "QueueLimit",
+    "RateLimit",
     "RegisteredWorker",
+    "Retention",
     "RetryStrategy",
+    "Schedule",
     "Scheduler",
     "SchemaError",
     "Snooze",

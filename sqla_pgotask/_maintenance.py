@@ -9,7 +9,9 @@ busy pool never delays a heartbeat) does two things:
 * every ``maintenance_interval`` (with jitter): prune workers that stopped
   heart-beating or whose process is gone from this node, and, in the same
   transaction, give back running tasks whose lease expired or whose worker
-  was just pruned.
+  was just pruned;
+* every ``Retention.interval`` (with jitter), if no other worker is doing it:
+  delete finished tasks past their status's retention period, in batches.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+import psycopg
 from sqlalchemy import Engine
 
 from sqla_pgotask._connections import Connection, dedicated_connection, driver_sql
 from sqla_pgotask.context import AttemptContext
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS
+from sqla_pgotask.retention import Retention, apply_retention
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
@@ -171,8 +175,10 @@ class Maintenance:
         timing: Timing,
         attempts: Callable[[], Sequence[AttemptContext]],
         on_rescue: Callable[[], None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._engine = engine
+        self.retention = retention
         self.identity = identity
         self.timing = timing
         self._attempts = attempts
@@ -190,9 +196,26 @@ class Maintenance:
         if self._thread.is_alive():
             self._thread.join()
 
+    @staticmethod
+    def _retain(conn: Connection, retention: Retention) -> None:
+        try:
+            apply_retention(conn, retention)
+        except psycopg.Error as exc:
+            if conn.closed or conn.broken:
+                raise
+            # Say, a foreign key of the application's that forbids deleting a
+            # task: heartbeats go on; the next pass tries again.
+            logger.warning("retention pass failed: %s", exc)
+
     def _run(self) -> None:
         backoff = 0.1
         next_maintenance = time.monotonic() + random.uniform(0, self.timing.maintenance_interval)
+        retention = self.retention
+        # The first pass soon after start (a restarted fleet catches up), then
+        # every interval with jitter, so workers started together spread out.
+        next_retention = time.monotonic() + random.uniform(
+            0, min(self.timing.maintenance_interval, retention.interval) if retention else 0
+        )
         while not self._stopping.is_set():
             try:
                 with dedicated_connection(self._engine) as conn:
@@ -205,6 +228,11 @@ class Maintenance:
                             next_maintenance = (
                                 time.monotonic()
                                 + self.timing.maintenance_interval * (0.8 + 0.4 * random.random())
+                            )
+                        if retention is not None and time.monotonic() >= next_retention:
+                            self._retain(conn, retention)
+                            next_retention = time.monotonic() + retention.interval * (
+                                0.8 + 0.4 * random.random()
                             )
                         # Wake for whichever comes first: the next heartbeat or maintenance.
                         until_maintenance = max(0.0, next_maintenance - time.monotonic())

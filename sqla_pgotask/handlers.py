@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from sqla_pgotask._limits import RateLimit, RateLimitSpec, as_rate_limit, check_max_running
 from sqla_pgotask.errors import ConfigurationError, NonRetryableError
 from sqla_pgotask.models import Task
 from sqla_pgotask.retry import RetrySpec, RetryStrategy, as_strategy
@@ -38,6 +39,11 @@ class Handler:
     #: Whether its tasks may share a transaction with others (see ``Scheduler``'s
     #: ``batch_size``); ``False`` runs each in a transaction of its own.
     batch: bool = True
+    #: Fleet-wide: at most this many tasks of the kind running at once (see
+    #: ``docs/limits.md``); ``None`` for no limit.
+    max_running: int | None = None
+    #: Fleet-wide: at most ``count`` starts of the kind per ``per`` seconds.
+    rate_limit: RateLimit | None = None
 
     def __call__(self, session: Session, task: Task) -> object:
         return self.func(session, task)
@@ -84,6 +90,8 @@ def make_handler(
     non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
     timeout: float | None = None,
     batch: bool = True,
+    max_running: int | None = None,
+    rate_limit: RateLimitSpec = None,
 ) -> Handler:
     """Validate the decorator's arguments and build the :class:`Handler`."""
     if not isinstance(kind, str) or not kind:
@@ -120,4 +128,6 @@ def make_handler(
         non_retryable=tuple(non_retryable),
         timeout=None if timeout is None else float(timeout),
         batch=batch,
+        max_running=check_max_running(max_running, f"handler {kind!r}"),
+        rate_limit=as_rate_limit(rate_limit, f"handler {kind!r}"),
     )

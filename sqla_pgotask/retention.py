@@ -1,6 +1,9 @@
 """Pruning finished tasks: delete old ``succeeded``, ``failed`` and ``cancelled`` rows.
 
-The library never deletes a task by itself.  Call :func:`prune_tasks` (or run
+Workers apply a :class:`Retention` (by default: succeeded and cancelled
+tasks kept 1 day, failed ones 14 days) in their maintenance loop, one worker
+of the fleet at a time, in small batches.  To prune by hand, or with workers
+that run with ``retention=None``, call :func:`prune_tasks` (or run
 ``pgotask prune``) from a cron job or a timer::
 
     import datetime as dt
@@ -21,16 +24,21 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from sqla_pgotask._connections import driver_sql
+from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.models import Task, TaskStatus
 from sqla_pgotask.schema import check_schema
 
-__all__ = ["FINISHED_STATUSES", "prune_tasks"]
+__all__ = ["FINISHED_STATUSES", "Retention", "prune_tasks"]
 
 logger = logging.getLogger("sqla_pgotask.retention")
 
@@ -74,6 +82,95 @@ _DELETE_BATCH = text(
     SELECT count(*) AS deleted, max(id) AS last_id FROM deleted
     """
 )
+
+
+_DAY = dt.timedelta(days=1)
+
+# The key of the session advisory lock that lets one worker of the fleet at a
+# time apply retention ("pgotask retention" as ASCII).
+RETENTION_LOCK = 0x7067_6F74_7265_7400
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long workers keep finished tasks, per final status; ``None`` keeps them forever.
+
+    Applied by the workers' maintenance loop every ``interval`` seconds (with
+    jitter), by one worker of the fleet at a time (a PostgreSQL advisory
+    lock), in batches of ``batch_size`` rows each committed on its own, for
+    at most ``max_seconds`` per pass (the rest waits for the next pass), so
+    it never holds many locks or delays the worker's heartbeats for long.
+    """
+
+    succeeded: dt.timedelta | None = _DAY
+    failed: dt.timedelta | None = dt.timedelta(days=14)
+    cancelled: dt.timedelta | None = _DAY
+    interval: float = 60.0
+    batch_size: int = 1_000
+    max_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        for status in FINISHED_STATUSES:
+            keep = getattr(self, status.value)
+            if keep is not None and (not isinstance(keep, dt.timedelta) or keep < dt.timedelta(0)):
+                raise ConfigurationError(
+                    f"Retention.{status.value} must be a non-negative datetime.timedelta "
+                    f"or None (keep forever), not {keep!r}"
+                )
+        for name in ("interval", "max_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigurationError(f"Retention.{name} must be a number > 0, not {value!r}")
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigurationError(f"Retention.batch_size must be an integer >= 1, not {size!r}")
+
+    def periods(self) -> dict[TaskStatus, dt.timedelta]:
+        """The statuses that are pruned, with how long each is kept."""
+        found = {status: getattr(self, status.value) for status in FINISHED_STATUSES}
+        return {status: keep for status, keep in found.items() if keep is not None}
+
+
+def apply_retention(conn: psycopg.Connection[Any], retention: Retention) -> int | None:
+    """One retention pass on a worker's own autocommit connection; how many tasks it deleted.
+
+    ``None`` if another worker is applying retention right now (its lock is
+    held), or if no status is pruned.
+    """
+    periods = retention.periods()
+    if not periods:
+        return None
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (RETENTION_LOCK,)).fetchone()[0]:  # type: ignore[index]
+        return None
+    total, after = 0, 0
+    deadline = time.monotonic() + retention.max_seconds
+    params: dict[str, Any] = {
+        "statuses": [status.value for status in periods],
+        "keep_seconds": [keep.total_seconds() for keep in periods.values()],
+        "batch_size": retention.batch_size,
+    }
+    try:
+        while True:
+            row = conn.execute(driver_sql("retention_batch"), {**params, "after": after}).fetchone()
+            deleted, last_id = row if row is not None else (0, None)
+            total += int(deleted)
+            if deleted < retention.batch_size or last_id is None:
+                break
+            after = int(last_id)
+            if time.monotonic() >= deadline:
+                logger.info(
+                    "retention pass stopped after %.1fs; the rest waits", retention.max_seconds
+                )
+                break
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (RETENTION_LOCK,))
+    if total:
+        logger.info(
+            "retention: deleted %d finished tasks (%s)",
+            total,
+            ", ".join(f"{status.value} after {keep}" for status, keep in periods.items()),
+        )
+    return total
 
 
 def prune_tasks(

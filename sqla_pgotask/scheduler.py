@@ -21,10 +21,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,13 +33,34 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._connections import require_psycopg
 from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
+from sqla_pgotask._limits import (
+    QueueLimit,
+    RateLimitSpec,
+    as_rate_limit,
+    check_max_running,
+    claim_tasks_within_limits,
+    plan_limits,
+)
 from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
 from sqla_pgotask.models import Task, TaskStatus
+from sqla_pgotask.periodic import (
+    HandlerDecorator,
+    MissedPolicy,
+    Schedule,
+    enqueue_periodic,
+    for_handler,
+    make_schedule,
+    runnable_schedules,
+)
+from sqla_pgotask.retention import Retention
 from sqla_pgotask.retry import RetrySpec
 from sqla_pgotask.schema import check_schema
 from sqla_pgotask.worker import Worker, WorkerSettings, WorkerStats, new_worker_id
+
+#: Finished tasks kept 1 day (succeeded, cancelled) or 14 days (failed).
+DEFAULT_RETENTION = Retention()
 
 
 class Scheduler:
@@ -64,6 +86,11 @@ class Scheduler:
     the worker finishes in two windows is claimed ahead).  Tasks of handlers
     with a ``timeout`` or ``batch=False``, and of kinds that take
     ``batch_window`` or longer on average, always run alone.
+
+    ``retention``: how long finished tasks are kept, per status (a
+    :class:`~sqla_pgotask.Retention`; by default succeeded and cancelled
+    tasks 1 day, failed ones 14 days); the workers' maintenance loop deletes
+    older ones in small batches.  ``None``: workers delete nothing.
     """
 
     def __init__(
@@ -80,6 +107,7 @@ class Scheduler:
         shutdown_grace: float = 30.0,
         batch_size: int = 100,
         batch_window: float = 0.1,
+        retention: Retention | None = DEFAULT_RETENTION,
     ) -> None:
         if not isinstance(session_factory, sessionmaker):
             raise ConfigurationError(
@@ -94,6 +122,7 @@ class Scheduler:
             shutdown_grace=shutdown_grace,
             timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
             batch=_batch_limits(batch_size, batch_window),
+            retention=_retention(retention),
         )
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
@@ -101,6 +130,8 @@ class Scheduler:
         self._starting = False
         self._stop_requested = False
         self._schema_checked = False
+        self._schedules: dict[str, Schedule] = {}
+        self._queue_limits: dict[str, QueueLimit] = {}
 
     # -- handlers -----------------------------------------------------------
 
@@ -114,6 +145,8 @@ class Scheduler:
         non_retryable: tuple[type[BaseException], ...] | type[BaseException] = (),
         timeout: float | None = None,
         batch: bool = True,
+        max_running: int | None = None,
+        rate_limit: RateLimitSpec = None,
     ) -> Callable[[HandlerFunc], Handler]:
         """Register the decorated ``def fn(session, task)`` as the handler of ``kind``.
 
@@ -126,7 +159,10 @@ class Scheduler:
         :class:`~sqla_pgotask.TaskTimeoutError` (see :mod:`sqla_pgotask.context`).
         ``batch=False``: each task runs in a transaction of its own, never
         batched with others (for handlers that use the raw DBAPI connection,
-        or hold locks for long).
+        or hold locks for long).  ``max_running``: at most this many tasks of
+        the kind running at once, fleet-wide; ``rate_limit``: at most
+        ``count`` starts per ``per`` seconds, fleet-wide, as
+        ``RateLimit(count, per)`` or ``(count, per)`` (see ``docs/limits.md``).
         """
 
         def register(func: HandlerFunc) -> Handler:
@@ -139,6 +175,8 @@ class Scheduler:
                 non_retryable=non_retryable,
                 timeout=timeout,
                 batch=batch,
+                max_running=max_running,
+                rate_limit=rate_limit,
             )
             with self._lock:
                 if kind in self._handlers:
@@ -152,6 +190,44 @@ class Scheduler:
     def handlers(self) -> Mapping[str, Handler]:
         """The registered handlers by kind (read-only)."""
         return MappingProxyType(self._handlers)
+
+    def limit_queue(
+        self,
+        queue: str,
+        *,
+        max_running: int | None = None,
+        rate_limit: RateLimitSpec = None,
+    ) -> QueueLimit:
+        """Limit ``queue`` fleet-wide, whatever the kinds of its tasks; return the limit.
+
+        ``max_running``: at most this many of its tasks running at once.
+        ``rate_limit``: at most ``count`` starts per ``per`` seconds, as
+        ``RateLimit(count, per)`` or ``(count, per)``.  A worker enforces the
+        limits it declares, so every worker serving the queue should declare
+        the same (see ``docs/limits.md``).  Declare limits before ``run()``.
+        """
+        if not isinstance(queue, str) or not queue:
+            raise ConfigurationError(
+                f"limit_queue: queue must be a non-empty string, not {queue!r}"
+            )
+        where = f"queue {queue!r}"
+        try:
+            limit = QueueLimit(
+                max_running=check_max_running(max_running, where),
+                rate_limit=as_rate_limit(rate_limit, where),
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+        with self._lock:
+            if queue in self._queue_limits:
+                raise ConfigurationError(f"queue {queue!r} already has a limit")
+            self._queue_limits[queue] = limit
+        return limit
+
+    @property
+    def queue_limits(self) -> Mapping[str, QueueLimit]:
+        """The queue limits declared with :meth:`limit_queue` (read-only)."""
+        return MappingProxyType(self._queue_limits)
 
     def task(self, kind: str, payload: Any = None, **options: Any) -> Task:
         """A new ``Task`` of a registered ``kind``; unknown kinds raise :class:`UnknownKindError`.
@@ -167,6 +243,126 @@ class Scheduler:
                 f"no handler is registered for task kind {kind!r} (registered: {known})"
             ) from None
         return handler.task(payload, **options)
+
+    # -- periodic tasks -----------------------------------------------------
+
+    @overload
+    def periodic(
+        self,
+        expression: str | None = None,
+        *,
+        every: float | dt.timedelta | None = None,
+        kind: None = None,
+        name: str | None = None,
+        payload: Any = None,
+        timezone: str | dt.tzinfo | None = None,
+        missed: MissedPolicy = "once",
+        backfill: int | None = None,
+        grace: float | dt.timedelta | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> HandlerDecorator: ...
+
+    @overload
+    def periodic(
+        self,
+        expression: str | None = None,
+        *,
+        every: float | dt.timedelta | None = None,
+        kind: str,
+        name: str | None = None,
+        payload: Any = None,
+        timezone: str | dt.tzinfo | None = None,
+        missed: MissedPolicy = "once",
+        backfill: int | None = None,
+        grace: float | dt.timedelta | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Schedule: ...
+
+    def periodic(
+        self,
+        expression: str | None = None,
+        *,
+        every: float | dt.timedelta | None = None,
+        kind: str | None = None,
+        name: str | None = None,
+        payload: Any = None,
+        timezone: str | dt.tzinfo | None = None,
+        missed: MissedPolicy = "once",
+        backfill: int | None = None,
+        grace: float | dt.timedelta | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> HandlerDecorator | Schedule:
+        """Run a task of a kind on a schedule, one task per slot across all workers.
+
+        ``expression``: a cron expression, 5 fields or 6 with seconds first,
+        in ``timezone`` (an IANA name, default UTC); or ``every``: whole
+        seconds (or a ``timedelta``), slots aligned to the Unix epoch.
+        Stacked above ``@scheduler.handler(...)`` it schedules that
+        handler's kind and returns the handler; called with ``kind=`` it
+        returns the :class:`~sqla_pgotask.periodic.Schedule`.  ``name``
+        (default: the kind) identifies the schedule in ``pgotask_schedule``.
+        ``missed``: slots missed while no worker ran: ``"skip"`` (only a slot
+        at most ``grace`` seconds late runs, default 60), ``"once"`` (the
+        latest runs) or ``"backfill"`` (the latest ``backfill`` run).
+        ``payload``, ``queue`` (default: the handler's) and ``priority`` are
+        the tasks'.  Bad arguments raise :class:`ConfigurationError` here.
+        """
+        spec = make_schedule(
+            expression,
+            every=every,
+            kind=kind,
+            name=name,
+            payload=payload,
+            timezone=timezone,
+            missed=missed,
+            backfill=backfill,
+            grace=grace,
+            queue=queue,
+            priority=priority,
+        )
+        if kind is not None:
+            return self._add_schedule(spec)
+
+        def decorate(handler: Handler) -> Handler:
+            self._add_schedule(for_handler(spec, handler))
+            return handler
+
+        return decorate
+
+    def _add_schedule(self, schedule: Schedule) -> Schedule:
+        with self._lock:
+            if schedule.name in self._schedules:
+                raise ConfigurationError(
+                    f"a periodic schedule named {schedule.name!r} is already registered "
+                    "(give the other one a name=)"
+                )
+            self._schedules[schedule.name] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        """The registered periodic schedules by name (read-only)."""
+        return MappingProxyType(self._schedules)
+
+    def enqueue_periodic(
+        self, *, queues: Sequence[str] | None = None, now: dt.datetime | None = None
+    ) -> dict[str, list[dt.datetime]]:
+        """Enqueue the due slots of the registered schedules once; return them by schedule.
+
+        What a worker's periodic thread does at each slot, done once in this
+        thread: for cron jobs and scripts (then :meth:`run_until_idle`), and
+        tests.  ``queues`` (default: the Scheduler's) limits it to the
+        schedules of those queues.  ``now`` (timezone-aware) stands in for
+        the database clock.
+        """
+        served = self.settings.queues if queues is None else queues
+        schedules = runnable_schedules(list(self._schedules.values()), self._handlers, served)
+        if not self._schema_checked:
+            self.check_schema()
+        return enqueue_periodic(self.session_factory, schedules, now=now)
 
     # -- running ------------------------------------------------------------
 
@@ -197,8 +393,12 @@ class Scheduler:
             shutdown_grace=current.shutdown_grace if shutdown_grace is None else shutdown_grace,
             timing=current.timing,
             batch=current.batch,
+            retention=current.retention,
         )
         self._require_handlers()
+        schedules = runnable_schedules(
+            list(self._schedules.values()), self._handlers, settings.queues
+        )
         with self._lock:
             if self._starting or self._worker is not None:
                 raise ConfigurationError("this scheduler is already running a worker")
@@ -213,6 +413,8 @@ class Scheduler:
                 settings,
                 new_worker_id(),
                 bind=self._bind(),
+                schedules=schedules,
+                queue_limits=self._queue_limits,
             )
             with self._lock:
                 self._worker = worker
@@ -275,7 +477,8 @@ class Scheduler:
         No heartbeats run here: a handler that takes longer than
         ``lease_seconds`` may be rescued by a worker running meanwhile, and so
         may claimed tasks waiting their turn: a ``batch_size`` above 1 is for
-        tasks that are quick together.
+        tasks that are quick together.  Fleet-wide limits hold here too, and
+        are never waited for: a task held back by one is left for later.
         """
         self._require_handlers()
         if not self._schema_checked:
@@ -291,17 +494,27 @@ class Scheduler:
             slow=self.settings.batch.slow,
         )
         runner = BatchRunner(self.session_factory, self._bind(), self._handlers, worker_id, limits)
+        plan = plan_limits(self._handlers, self._queue_limits, served)
         count = 0
         while max_tasks is None or count < max_tasks:
             limit = batch_size if max_tasks is None else min(batch_size, max_tasks - count)
-            tasks = claim_tasks(
-                self.session_factory,
-                worker_id=worker_id,
-                kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
-                queues=served,
-                limit=limit,
-                lease_seconds=self.settings.timing.lease,
-            )
+            if plan is not None:  # limited tasks: never waited for here
+                tasks = claim_tasks_within_limits(
+                    self.session_factory,
+                    plan,
+                    worker_id=worker_id,
+                    limit=limit,
+                    lease_seconds=self.settings.timing.lease,
+                )
+            else:
+                tasks = claim_tasks(
+                    self.session_factory,
+                    worker_id=worker_id,
+                    kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
+                    queues=served,
+                    limit=limit,
+                    lease_seconds=self.settings.timing.lease,
+                )
             if not tasks:
                 break
             rest = [(task, new_context(task, self._handlers[task.kind])) for task in tasks]
@@ -342,6 +555,7 @@ def _settings(
     shutdown_grace: float,
     timing: Timing,
     batch: BatchLimits,
+    retention: Retention | None,
 ) -> WorkerSettings:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
@@ -361,7 +575,17 @@ def _settings(
         shutdown_grace=float(shutdown_grace),
         timing=timing,
         batch=batch,
+        retention=retention,
     )
+
+
+def _retention(retention: object) -> Retention | None:
+    if retention is not None and not isinstance(retention, Retention):
+        raise ConfigurationError(
+            "retention must be a sqla_pgotask.Retention (or None to keep finished tasks "
+            f"forever), not {retention!r}"
+        )
+    return retention
 
 
 def _batch_limits(size: int, window: float) -> BatchLimits:

@@ -38,6 +38,7 @@ from sqla_pgotask._execute import (
     Outcome,
     new_context,
 )
+from sqla_pgotask._limits import LimitedClaims, QueueLimit, plan_limits
 from sqla_pgotask._listener import Listener
 from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask._periodic_thread import PeriodicThread
@@ -46,6 +47,7 @@ from sqla_pgotask.context import AttemptContext
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Task
 from sqla_pgotask.periodic import Schedule
+from sqla_pgotask.retention import Retention
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
@@ -68,6 +70,8 @@ class WorkerSettings:
     timing: Timing
     shutdown_grace: float
     batch: BatchLimits = field(default_factory=BatchLimits)
+    #: How long finished tasks are kept; ``None``: this worker deletes none.
+    retention: Retention | None = None
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Worker:
         worker_id: str,
         bind: Engine | Connection | None = None,
         schedules: Sequence[Schedule] = (),
+        queue_limits: Mapping[str, QueueLimit] | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.bind = engine if bind is None else bind
@@ -170,9 +175,22 @@ class Worker:
             queues=settings.queues,
             concurrency=settings.concurrency,
         )
-        self.listener = Listener(engine, self._wake, settings.queues, self._cancel_requested)
+        # Fleet-wide limits: limited tasks go through a locked claim (see _limits).
+        plan = plan_limits(self.handlers, queue_limits or {}, settings.queues)
+        self._limited = (
+            None
+            if plan is None
+            else LimitedClaims(engine, plan, poll_interval=settings.poll_interval, wake=self._wake)
+        )
+        notice = self._wake if self._limited is None else self._limited.notice
+        self.listener = Listener(engine, notice, settings.queues, self._cancel_requested)
         self.maintenance = Maintenance(
-            engine, self.identity, settings.timing, self._attempts, self._wake.set
+            engine,
+            self.identity,
+            settings.timing,
+            self._attempts,
+            self._wake.set,
+            retention=settings.retention,
         )
         # Enqueues the periodic schedules of this worker's kinds and queues.
         self.periodic = PeriodicThread(engine, schedules) if schedules else None
@@ -207,6 +225,8 @@ class Worker:
             self._claim_loop()
         finally:
             self._claimer.close()
+            if self._limited is not None:
+                self._limited.close()
             self._shutdown()
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
@@ -247,13 +267,21 @@ class Worker:
             # Below a quarter of the capacity free, wait for more room.
             if free > 0 and free * 4 >= capacity:
                 try:
-                    tasks = self._claimer.claim(
-                        worker_id=self.worker_id,
-                        kinds=self._max_attempts,
-                        queues=settings.queues,
-                        limit=free,
-                        lease_seconds=settings.timing.lease,
-                    )
+                    if self._limited is not None:  # limited tasks first, then the rest
+                        tasks = self._limited.claim(
+                            self._claimer,
+                            worker_id=self.worker_id,
+                            limit=free,
+                            lease_seconds=settings.timing.lease,
+                        )
+                    else:
+                        tasks = self._claimer.claim(
+                            worker_id=self.worker_id,
+                            kinds=self._max_attempts,
+                            queues=settings.queues,
+                            limit=free,
+                            lease_seconds=settings.timing.lease,
+                        )
                     failures = 0
                 except Exception as exc:
                     # The first retry is quick: after a restart or a killed
@@ -270,11 +298,15 @@ class Worker:
                     self._work.put((task, ctx))
                 if not tasks:  # nothing is due: when will something be?
                     wait = min(wait, self._until_next_due())
+                hint = None if self._limited is None else self._limited.wait_hint()
+                if hint is not None:  # a full rate window frees a start then
+                    wait = min(wait, hint)
             self._wake.wait(wait)
 
     def _until_next_due(self) -> float:
         try:
-            seconds = self._claimer.next_due(self._max_attempts, self.settings.queues)
+            source = self._claimer if self._limited is None else self._limited
+            seconds = source.next_due(self._max_attempts, self.settings.queues)
         except Exception as exc:
             logger.warning("could not read when the next delayed task is due (%s)", exc)
             return self.settings.poll_interval
@@ -350,6 +382,8 @@ class Worker:
                     self.stats.count(outcome)
                 self._in_flight.pop(ctx.task_id, None)
                 self._running.pop(ctx.task_id, None)
+        if self._limited is not None:  # a limited task's slot may be free
+            self._limited.finished(ctx.task_id for ctx, _ in outcomes)
         self._wake.set()
 
     def _give_back(self, items: list[Item]) -> None:

@@ -107,7 +107,7 @@ def test_version_location_resolves_from_a_wheel_install(
     python = venv / "bin" / "python"
     pip: list[str | Path] = [python, "-m", "pip", "install", "--quiet"]
     _run([*pip, "--no-deps", wheel], cwd=tmp_path)
-    _run([*pip, "sqlalchemy", "psycopg[binary]", "alembic"], cwd=tmp_path)
+    _run([*pip, "sqlalchemy", "psycopg[binary]", "alembic", "croniter"], cwd=tmp_path)
 
     where = _upgrade_heads_and_check(python, tmp_path, fresh_database)
     assert where.is_relative_to(venv.resolve())

@@ -1,0 +1,625 @@
+"""Fleet-wide limits: concurrently running tasks and starts per period, per kind or queue.
+
+Declared in code::
+
+    @scheduler.handler("geocode", max_running=2, rate_limit=(10, 60))
+    def geocode(session, task): ...
+
+    scheduler.limit_queue("emails", max_running=5, rate_limit=RateLimit(100, 1.0))
+
+and enforced in SQL, across every worker that declares them (see
+``sql/limits.sql`` and ``docs/limits.md``).  Tasks subject to no limit are
+claimed exactly as before, by the one-statement claim of :mod:`._claim`;
+tasks subject to a limit go through a short locked transaction in which the
+claimers of a limit take turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, Union
+
+import psycopg
+from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
+
+from sqla_pgotask._claim import Claimer, claim_tasks
+from sqla_pgotask._connections import driver_sql
+from sqla_pgotask._queries import query
+from sqla_pgotask.errors import ConfigurationError
+from sqla_pgotask.models import Task
+
+if TYPE_CHECKING:
+    from sqla_pgotask.handlers import Handler
+
+logger = logging.getLogger("sqla_pgotask.worker")
+
+#: The most starts a rate limit may count: its row keeps one timestamp per
+#: start within the period, rewritten by every claim.
+MAX_RATE_COUNT = 10_000
+
+# Seconds after a full rate window frees a start that an idle worker claims again.
+_RETRY_MARGIN = 0.005
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` task starts in any ``per`` seconds (a sliding window), fleet-wide.
+
+    ``RateLimit(10, 60)``: ten starts a minute.  A start is a claim: a retry
+    is a new start, and a claimed task given back unstarted at shutdown still
+    counts.
+    """
+
+    count: int
+    per: float
+
+    def __post_init__(self) -> None:
+        count, per = self.count, self.per
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"a rate limit's count must be an integer >= 1, not {count!r}")
+        if count > MAX_RATE_COUNT:
+            raise ConfigurationError(
+                f"a rate limit's count must be at most {MAX_RATE_COUNT:,} (each start in the "
+                f"window is kept in the limit's row), not {count!r}: state a shorter period "
+                "with a proportionally smaller count"
+            )
+        if (
+            isinstance(per, bool)
+            or not isinstance(per, int | float)
+            or not per > 0
+            or not math.isfinite(per)
+        ):
+            raise ConfigurationError(
+                f"a rate limit's period must be a number of seconds > 0, not {per!r}"
+            )
+        object.__setattr__(self, "per", float(per))
+
+
+#: What ``rate_limit=`` accepts: a :class:`RateLimit`, a ``(count, per_seconds)``
+#: tuple, or ``None`` for no rate limit.
+RateLimitSpec = Union[RateLimit, tuple[int, float], None]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+@dataclass(frozen=True)
+class QueueLimit:
+    """The fleet-wide limits of one queue (see :meth:`Scheduler.limit_queue`).
+
+    ``max_running``: at most this many tasks of the queue running at once,
+    whatever their kind.  ``rate_limit``: at most ``count`` starts per
+    ``per`` seconds.
+    """
+
+    max_running: int | None = None
+    rate_limit: RateLimit | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_running", check_max_running(self.max_running, "queue limit"))
+        rate = as_rate_limit(self.rate_limit, "queue limit")
+        object.__setattr__(self, "rate_limit", rate)
+        if self.max_running is None and rate is None:
+            raise ConfigurationError("a queue limit needs max_running, rate_limit or both")
+
+
+def check_max_running(value: object, where: str) -> int | None:
+    """``value`` as a ``max_running`` setting, or :class:`ConfigurationError`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"{where}: max_running must be an integer >= 1 (or None), not {value!r}"
+        )
+    return value
+
+
+def as_rate_limit(value: object, where: str) -> RateLimit | None:
+    """``value`` (a :class:`RateLimit`, a ``(count, per)`` tuple or ``None``) as a RateLimit."""
+    if value is None or isinstance(value, RateLimit):
+        return value
+    if isinstance(value, tuple) and len(value) == 2:
+        try:
+            return RateLimit(*value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+    raise ConfigurationError(
+        f"{where}: rate_limit must be RateLimit(count, per) or a (count, per_seconds) "
+        f"tuple, not {value!r}"
+    )
+
+
+# -- what a worker claims, and how ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit: its row's key, what it applies to, and its settings."""
+
+    key: str
+    kind: str | None
+    queue: str | None
+    max_running: int | None
+    rate: RateLimit | None
+
+
+@dataclass(frozen=True)
+class LimitPlan:
+    """How a worker claims when some of what it serves is limited.
+
+    Limited tasks (of a limited kind, or in a limited queue) are claimed by
+    the locked claim; every other task by the usual one-statement claim
+    (``fast_kinds`` and ``fast_queues``), or, when the worker serves every
+    queue and some queues are limited, by that claim without those queues.
+    """
+
+    limits: tuple[Limit, ...]
+    kinds: Mapping[str, int]
+    queues: tuple[str, ...] | None
+    fast_kinds: Mapping[str, int]
+    fast_queues: tuple[str, ...] | None
+    excluded_queues: tuple[str, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys of the limit rows, sorted (the order they are locked in)."""
+        return [limit.key for limit in self.limits]
+
+    @property
+    def fast(self) -> bool:
+        """Whether some tasks this worker serves are subject to no limit."""
+        return bool(self.fast_kinds) and (self.fast_queues is None or bool(self.fast_queues))
+
+    def claim_params(self, worker_id: str, limit: int, lease_seconds: float) -> dict[str, object]:
+        """The parameters of ``limits_claim``."""
+        return {
+            "keys": self.keys,
+            "key_kinds": [limit.kind for limit in self.limits],
+            "key_queues": [limit.queue for limit in self.limits],
+            "max_running": [limit.max_running for limit in self.limits],
+            "rate_counts": [None if lm.rate is None else lm.rate.count for lm in self.limits],
+            "rate_pers": [None if lm.rate is None else lm.rate.per for lm in self.limits],
+            "kinds": list(self.kinds),
+            "max_attempts": list(self.kinds.values()),
+            "queues": None if self.queues is None else list(self.queues),
+            "limit": limit,
+            "worker": worker_id,
+            "lease_seconds": float(lease_seconds),
+        }
+
+
+def plan_limits(
+    handlers: Mapping[str, Handler],
+    queue_limits: Mapping[str, QueueLimit],
+    queues: Sequence[str] | None,
+) -> LimitPlan | None:
+    """The plan of a worker serving ``handlers`` and ``queues``; ``None`` if nothing is limited."""
+    kinds = {kind: h.max_attempts for kind, h in sorted(handlers.items())}
+    served = None if queues is None else tuple(queues)
+    limits: list[Limit] = []
+    for kind, handler in sorted(handlers.items()):
+        if handler.max_running is not None or handler.rate_limit is not None:
+            limits.append(
+                Limit(f"kind:{kind}", kind, None, handler.max_running, handler.rate_limit)
+            )
+    limited_queues = sorted(q for q in queue_limits if served is None or q in served)
+    for name in limited_queues:
+        ql = queue_limits[name]
+        limits.append(Limit(f"queue:{name}", None, name, ql.max_running, ql.rate_limit))
+    if not limits:
+        return None
+    limits.sort(key=lambda limit: limit.key)
+    limited_kinds = {limit.kind for limit in limits if limit.kind is not None}
+    return LimitPlan(
+        limits=tuple(limits),
+        kinds=kinds,
+        queues=served,
+        fast_kinds={k: m for k, m in kinds.items() if k not in limited_kinds},
+        fast_queues=None if served is None else tuple(q for q in served if q not in queue_limits),
+        excluded_queues=tuple(limited_queues) if served is None else (),
+    )
+
+
+# -- the locked claim ----------------------------------------------------------
+
+_PIPELINE = psycopg.Pipeline.is_supported()
+
+
+def claim_limited(
+    conn: psycopg.Connection[Any],
+    dialect: Dialect,
+    plan: LimitPlan,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    own_transaction: bool = True,
+) -> tuple[list[Task], float | None]:
+    """Claim up to ``limit`` limited tasks on ``conn``; return them and when to try again.
+
+    ``conn`` is in autocommit mode (``own_transaction``): the claim is its
+    own READ COMMITTED transaction, its statements sent together in one
+    round trip (pipeline mode, where libpq supports it).  Otherwise the
+    statements join the transaction ``conn`` is in, and its end releases
+    the locks.  The second value is the seconds until a full rate window
+    frees a start, or ``None``.
+    """
+    keys = {"keys": plan.keys}
+    params = plan.claim_params(worker_id, limit, lease_seconds)
+    batch: AbstractContextManager[object] = conn.pipeline() if _PIPELINE else nullcontext()
+    try:
+        with batch:
+            if own_transaction:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            conn.execute(driver_sql("limits_ensure"), keys)
+            conn.execute(driver_sql("limits_lock"), keys)
+            cursor = conn.execute(driver_sql("limits_claim"), params)
+            if own_transaction:
+                conn.execute("COMMIT")
+        rows = cursor.fetchall()
+    except BaseException:
+        if own_transaction and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:
+                conn.execute("ROLLBACK")
+            except Exception:
+                logger.debug("rolling back a failed limited claim failed", exc_info=True)
+        raise
+    description = cursor.description
+    assert description is not None
+    try:
+        return _loaded(description, rows, dialect)
+    except BaseException:
+        _give_back(conn, description, rows)
+        raise
+
+
+def _give_back(
+    conn: psycopg.Connection[Any],
+    description: Sequence[psycopg.Column],
+    rows: Sequence[tuple[Any, ...]],
+) -> None:
+    """Claimed rows that could not be handed to the worker: back to pending, attempt refunded."""
+    names = [column.name for column in description]
+    id_at, attempts_at = names.index("id"), names.index("attempts")
+    claimed = [(row[id_at], row[attempts_at]) for row in rows if row[id_at] is not None]
+    if not claimed:
+        return
+    try:
+        conn.execute(
+            driver_sql("release"),
+            {"ids": [i for i, _ in claimed], "attempts": [a for _, a in claimed]},
+        )
+    except Exception:
+        logger.exception("could not give back claimed tasks %s", [i for i, _ in claimed])
+
+
+_RETRY_COLUMN = "pgotask_retry_in"
+
+
+def _loaded(
+    description: Sequence[psycopg.Column], rows: Sequence[tuple[Any, ...]], dialect: Dialect
+) -> tuple[list[Task], float | None]:
+    """The claimed rows as detached, loaded ``Task`` objects, and the claim's ``retry_in``."""
+    configure_mappers()  # a new process's first claim may come before any other ORM use
+    names = [column.name for column in description]
+    retry_at = names.index(_RETRY_COLUMN)
+    setters = _setters(tuple((c.name, c.type_code) for c in description), dialect)
+    id_at = names.index("id")
+    manager = inspect(Task).class_manager
+    tasks = []
+    for row in rows:
+        if row[id_at] is None:  # nothing claimed: a row carrying retry_in only
+            continue
+        task = manager.new_instance()
+        for index, key, process in setters:
+            value = row[index]
+            set_committed_value(task, key, value if process is None else process(value))
+        make_transient_to_detached(task)
+        tasks.append(task)
+    retry = rows[0][retry_at] if rows else None
+    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+    return tasks, None if retry is None else float(retry)
+
+
+@cache
+def _setters(columns: tuple[tuple[str, int], ...], dialect: Dialect) -> list[tuple[int, str, Any]]:
+    """For each returned column mapped by ``Task``: its index, attribute and result processor."""
+    mapper = inspect(Task)
+    table = Task.__table__
+    setters = []
+    for index, (name, type_code) in enumerate(columns):
+        column = table.c.get(name)
+        if column is None:
+            continue
+        key = mapper.get_property_by_column(column).key
+        process = column.type.dialect_impl(dialect).result_processor(dialect, type_code)
+        setters.append((index, key, process))
+    return setters
+
+
+def claim_unlimited(
+    session: Session,
+    plan: LimitPlan,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+) -> list[Task]:
+    """The usual claim, without the tasks of limited queues (a worker serving every queue)."""
+    params = {
+        "kinds": list(plan.fast_kinds),
+        "max_attempts": list(plan.fast_kinds.values()),
+        "limited_queues": list(plan.excluded_queues),
+        "limit": limit,
+        "worker": worker_id,
+        "lease_seconds": float(lease_seconds),
+    }
+    tasks = list(session.scalars(_unlimited_statement(), params))
+    session.expunge_all()
+    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+    return tasks
+
+
+@cache
+def _unlimited_statement() -> Any:
+    return (
+        select(Task)
+        .from_statement(query("claim_unlimited"))
+        .execution_options(populate_existing=True)
+    )
+
+
+def claim_tasks_within_limits(
+    session_factory: sessionmaker[Session],
+    plan: LimitPlan,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+) -> list[Task]:
+    """As :func:`~sqla_pgotask._claim.claim_tasks`, for a scheduler with limits.
+
+    The limited tasks are claimed first; the rest of ``limit`` goes to the
+    usual claim.  Used by ``run_until_idle()``, which never waits for a
+    limit: a task held back by one is left for a later call.
+    """
+    if limit <= 0:
+        return []
+    with session_factory() as session:
+        bind = session.get_bind(mapper=Task.__mapper__)
+        standalone = not isinstance(bind, Connection)
+        options = {"isolation_level": "AUTOCOMMIT"} if standalone else {}
+        connection = session.connection(execution_options=options)
+        tasks, _ = claim_limited(
+            _driver(connection),
+            connection.dialect,
+            plan,
+            worker_id=worker_id,
+            limit=limit,
+            lease_seconds=lease_seconds,
+            own_transaction=standalone,
+        )
+
+        rest = limit - len(tasks)
+        if rest > 0 and plan.fast:
+            if plan.excluded_queues:
+                tasks += claim_unlimited(
+                    session, plan, worker_id=worker_id, limit=rest, lease_seconds=lease_seconds
+                )
+            else:
+                tasks += claim_tasks(
+                    session_factory,
+                    worker_id=worker_id,
+                    kinds=plan.fast_kinds,
+                    queues=plan.fast_queues,
+                    limit=rest,
+                    lease_seconds=lease_seconds,
+                )
+        session.commit()
+    return tasks
+
+
+def _driver(connection: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy one (also when detached from its pool)."""
+    fairy = connection.connection
+    driver = fairy.driver_connection or fairy.dbapi_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise ConfigurationError("fleet-wide limits need the psycopg 3 driver")
+    return driver
+
+
+# -- a worker's limited claims --------------------------------------------------
+
+
+class _Notice(threading.Event):
+    """The event the listener sets on a notification: wakes the claim loop, opens the gate."""
+
+    def __init__(self, wake: threading.Event, on_notice: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+        self._on_notice = on_notice
+
+    def set(self) -> None:
+        self._on_notice()
+        super().set()
+        self._wake.set()
+
+
+class LimitedClaims:
+    """A worker's claims when some of what it serves is limited.
+
+    Each claim of the claim loop first claims limited tasks (a short locked
+    transaction on a connection of its own, outside the pool), then fills
+    the rest of the free capacity with the usual claim.  After a limited
+    claim that took less than it asked for, the next one waits (so a worker
+    whose limits are reached does not take their locks in a loop) until the
+    first of:
+
+    * a notification of a new task in a served queue;
+    * a limited task of this worker finishing (its slot is free);
+    * a full rate window freeing a start (``retry_in`` of the claim);
+    * a delayed task falling due (see :meth:`next_due`);
+    * ``poll_interval`` (slots freed by other workers, which those workers
+      usually take themselves).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: LimitPlan,
+        *,
+        poll_interval: float,
+        wake: threading.Event,
+    ) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.poll_interval = poll_interval
+        self.notice: threading.Event = _Notice(wake, self._kick)
+        #: Locked claims made (for tests and diagnostics).
+        self.limited_claims = 0
+        self._lock = threading.Lock()
+        self._open_at = 0.0
+        self._kicked = False
+        self._mine: set[int] = set()
+        self._session: Session | None = None
+
+    def _kick(self) -> None:
+        with self._lock:
+            self._kicked = True
+
+    def finished(self, task_ids: Iterable[int]) -> None:
+        """Tasks of this worker ended: if one was limited, its slot is free."""
+        with self._lock:
+            freed = False
+            for task_id in task_ids:
+                if task_id in self._mine:
+                    self._mine.discard(task_id)
+                    freed = True
+            if freed:
+                self._kicked = True
+
+    def wait_hint(self) -> float | None:
+        """Seconds until the next limited claim is due by time alone, if it waits."""
+        with self._lock:
+            if self._kicked:
+                return 0.0
+            left = self._open_at - time.monotonic()
+        return left if left > 0 else None
+
+    def _due(self) -> bool:
+        with self._lock:
+            if self._kicked or time.monotonic() >= self._open_at:
+                self._kicked = False
+                return True
+            return False
+
+    def _claimed(self, tasks: list[Task], wanted: int, retry_in: float | None) -> None:
+        with self._lock:
+            self._mine.update(task.id for task in tasks)
+            if len(tasks) >= wanted:
+                self._open_at = 0.0  # held back by the worker's capacity only
+                return
+            wait = self.poll_interval
+            if retry_in is not None:
+                wait = min(wait, max(retry_in, 0.0) + _RETRY_MARGIN)
+            self._open_at = time.monotonic() + wait
+
+    def _connection(self) -> Session:
+        session = self._session
+        if session is None:
+            conn = self.engine.connect()
+            conn.detach()  # outside the pool, like the usual claim's connection
+            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            session = self._session = Session(bind=conn)
+        return session
+
+    def claim(
+        self,
+        claimer: Claimer,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+    ) -> list[Task]:
+        """Claim up to ``limit`` tasks: limited ones first (when due), then the others."""
+        if limit <= 0:
+            return []
+        plan = self.plan
+        tasks: list[Task] = []
+        if self._due():
+            session = self._connection()
+            try:
+                bind = session.connection()
+                tasks, retry_in = claim_limited(
+                    _driver(bind),
+                    bind.dialect,
+                    plan,
+                    worker_id=worker_id,
+                    limit=limit,
+                    lease_seconds=lease_seconds,
+                )
+            except Exception:
+                self._kick()  # try again at the next claim
+                self.close()
+                raise
+            self.limited_claims += 1
+            self._claimed(tasks, limit, retry_in)
+
+        rest = limit - len(tasks)
+        if rest <= 0 or not plan.fast:
+            return tasks
+        if not plan.excluded_queues:
+            return tasks + claimer.claim(
+                worker_id=worker_id,
+                kinds=plan.fast_kinds,
+                queues=plan.fast_queues,
+                limit=rest,
+                lease_seconds=lease_seconds,
+            )
+        session = self._connection()
+        try:
+            return tasks + claim_unlimited(
+                session, plan, worker_id=worker_id, limit=rest, lease_seconds=lease_seconds
+            )
+        except Exception:
+            self.close()
+            raise
+
+    def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:
+        """Seconds until the next delayed task of ``kinds`` becomes due, or ``None``."""
+        if not kinds:
+            return None
+        session = self._connection()
+        try:
+            seconds = session.execute(
+                query("next_due"),
+                {"kinds": list(kinds), "queues": None if queues is None else list(queues)},
+            ).scalar()
+        except Exception:
+            self.close()
+            raise
+        if seconds is None:
+            return None
+        due = time.monotonic() + max(float(seconds), 0.0) + _RETRY_MARGIN
+        with self._lock:  # a delayed limited task is claimed when it falls due
+            self._open_at = min(self._open_at, due)
+        return float(seconds)
+
+    def close(self) -> None:
+        """Give the connection back (after a failure, or when the worker stops)."""
+        session, self._session = self._session, None
+        if session is not None:
+            bind = session.bind
+            try:
+                session.close()
+                if isinstance(bind, Connection):
+                    bind.close()
+            except Exception:
+                logger.debug("closing the limited claim connection failed", exc_info=True)
