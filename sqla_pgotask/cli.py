@@ -155,7 +155,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loaded.append(load_scheduler(args.scheduler))
         stats = loaded[0].run(
             concurrency=args.concurrency,
-            queues=args.queue or None,
+            queues=_served_queues(args.queue, args.concurrency or loaded[0].settings.concurrency),
             poll_interval=args.poll_interval,
             shutdown_grace=args.shutdown_grace,
         )
@@ -164,6 +164,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return EXIT_OK
     logger.info("worker done: %s", stats)
     return EXIT_OK
+
+
+def _served_queues(
+    specs: list[tuple[str, int | None]] | None, concurrency: int
+) -> list[str] | dict[str, int] | None:
+    """``--queue`` values: names, or ``{name: concurrency}`` once one says ``NAME=N``."""
+    if not specs:
+        return None
+    if all(n is None for _, n in specs):
+        return list(dict.fromkeys(name for name, _ in specs))
+    return {name: concurrency if n is None else n for name, n in specs}
 
 
 def _supervise(args: argparse.Namespace) -> int:
@@ -192,7 +203,9 @@ def _worker_process_args(args: argparse.Namespace) -> list[str]:
     argv = [f"--log-level={args.log_level}", "worker", args.scheduler]
     if args.concurrency is not None:
         argv.append(f"--concurrency={args.concurrency}")
-    argv.extend(f"--queue={queue}" for queue in args.queue or ())
+    argv.extend(
+        f"--queue={name}" if n is None else f"--queue={name}={n}" for name, n in args.queue or ()
+    )
     if args.poll_interval is not None:
         argv.append(f"--poll-interval={args.poll_interval!r}")
     if args.shutdown_grace is not None:
@@ -377,6 +390,28 @@ def _finished_status(value: str) -> TaskStatus:
     return status
 
 
+def _queue_spec(value: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME=N`` (N handler threads of the queue's own)."""
+    name, sep, number_text = value.rpartition("=")
+    count: str | None = number_text
+    if not sep or not re.fullmatch(r"\s*[+-]?\d*\s*", number_text):
+        name, count = value, None  # no '=N' (an '=' may be part of the name)
+    if not name.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME or NAME=N (N handler threads for that queue), got {value!r}"
+        )
+    if count is None:
+        return name, None
+    if not count.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=N with a number N, got {value!r}")
+    number = int(count)
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"the concurrency of queue {name!r} must be at least 1, got {number}"
+        )
+    return name, number
+
+
 def _queue_name(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("a queue name must not be empty")
@@ -417,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--queue",
         action="append",
-        metavar="Q",
-        help="serve this queue (repeatable; default: the Scheduler's queues, else all)",
+        type=_queue_spec,
+        metavar="Q[=N]",
+        help="serve this queue (repeatable; default: the Scheduler's queues, else all); "
+        "Q=N gives the queue N handler threads of its own",
     )
     worker.add_argument(
         "--poll-interval",

@@ -21,9 +21,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, overload
 
@@ -98,7 +99,7 @@ class Scheduler:
         session_factory: sessionmaker[Session],
         *,
         concurrency: int = 4,
-        queues: Sequence[str] | None = None,
+        queues: Sequence[str] | Mapping[str, int] | None = None,
         poll_interval: float = 1.0,
         lease_seconds: float = 30.0,
         heartbeat_interval: float | None = None,
@@ -115,9 +116,10 @@ class Scheduler:
                 f"not {type(session_factory).__name__}"
             )
         self.session_factory = session_factory
+        self._lanes = _lanes(queues)
         self.settings = _settings(
             concurrency=concurrency,
-            queues=queues,
+            queues=_queue_names(queues, self._lanes),
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
             timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
@@ -126,7 +128,7 @@ class Scheduler:
         )
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
-        self._worker: Worker | None = None
+        self._workers: list[Worker] = []
         self._starting = False
         self._stop_requested = False
         self._schema_checked = False
@@ -375,20 +377,24 @@ class Scheduler:
         self,
         *,
         concurrency: int | None = None,
-        queues: Sequence[str] | None = None,
+        queues: Sequence[str] | Mapping[str, int] | None = None,
         poll_interval: float | None = None,
         shutdown_grace: float | None = None,
     ) -> WorkerStats:
         """Run a worker in this thread until :meth:`stop` is called; return what it did.
 
-        Arguments override the Scheduler's settings for this run.  The library
-        installs no signal handlers: call :meth:`stop` from one of yours (the
-        ``pgotask worker`` command does) or from another thread.
+        Arguments override the Scheduler's settings for this run.  ``queues``
+        as a mapping ``{queue: concurrency}`` gives each queue handler threads
+        and claims of its own: one worker per queue, in this process, whose
+        stats are added up.  The library installs no signal handlers: call
+        :meth:`stop` from one of yours (the ``pgotask worker`` command does)
+        or from another thread.
         """
         current = self.settings
+        lanes = self._lanes if queues is None else _lanes(queues)
         settings = _settings(
             concurrency=current.concurrency if concurrency is None else concurrency,
-            queues=current.queues if queues is None else queues,
+            queues=current.queues if queues is None else _queue_names(queues, lanes),
             poll_interval=current.poll_interval if poll_interval is None else poll_interval,
             shutdown_grace=current.shutdown_grace if shutdown_grace is None else shutdown_grace,
             timing=current.timing,
@@ -396,39 +402,51 @@ class Scheduler:
             retention=current.retention,
         )
         self._require_handlers()
-        schedules = runnable_schedules(
-            list(self._schedules.values()), self._handlers, settings.queues
-        )
+        if lanes is None:
+            plans = [settings]
+        else:
+            plans = [
+                dataclasses.replace(settings, queues=(queue,), concurrency=n)
+                for queue, n in lanes.items()
+            ]
+        schedules = [
+            runnable_schedules(list(self._schedules.values()), self._handlers, plan.queues)
+            for plan in plans
+        ]
         with self._lock:
-            if self._starting or self._worker is not None:
+            if self._starting or self._workers:
                 raise ConfigurationError("this scheduler is already running a worker")
             self._starting = True
             self._stop_requested = False
         try:
             self.check_schema()
-            worker = Worker(
-                self.session_factory,
-                self._engine(),
-                self._handlers,
-                settings,
-                new_worker_id(),
-                bind=self._bind(),
-                schedules=schedules,
-                queue_limits=self._queue_limits,
-            )
+            workers = [
+                Worker(
+                    self.session_factory,
+                    self._engine(),
+                    self._handlers,
+                    plan,
+                    new_worker_id(),
+                    bind=self._bind(),
+                    schedules=plan_schedules,
+                    queue_limits=self._queue_limits,
+                )
+                for plan, plan_schedules in zip(plans, schedules, strict=True)
+            ]
             with self._lock:
-                self._worker = worker
+                self._workers = workers
                 if self._stop_requested:  # stop() came while we were starting
-                    worker.stop()
+                    for worker in workers:
+                        worker.stop()
         finally:
             with self._lock:
                 self._starting = False
         try:
-            worker.run()
+            _run_all(workers, self.stop)
         finally:
             with self._lock:
-                self._worker = None
-        return worker.stats
+                self._workers = []
+        return _total(worker.stats for worker in workers)
 
     def stop(self) -> None:
         """Stop the running worker: no new claims; in-flight tasks finish; ``run()`` returns.
@@ -437,10 +455,10 @@ class Scheduler:
         soon as it has started; called when nothing runs, it does nothing.
         """
         with self._lock:
-            worker = self._worker
-            if worker is None and self._starting:
+            workers = list(self._workers)
+            if not workers and self._starting:
                 self._stop_requested = True
-        if worker is not None:
+        for worker in workers:
             worker.stop()
 
     def cancel(self, session: Session, task_id: int) -> TaskStatus | None:
@@ -460,13 +478,19 @@ class Scheduler:
 
     @property
     def running_worker(self) -> Worker | None:
-        """The worker :meth:`run` is running, if any."""
-        return self._worker
+        """The worker :meth:`run` is running (the first queue's, with per-queue concurrency)."""
+        workers = self._workers
+        return workers[0] if workers else None
+
+    @property
+    def running_workers(self) -> list[Worker]:
+        """Every worker :meth:`run` is running: one, or one per queue."""
+        return list(self._workers)
 
     def run_until_idle(
         self,
         *,
-        queues: Sequence[str] | None = None,
+        queues: Sequence[str] | Mapping[str, int] | None = None,
         max_tasks: int | None = None,
         batch_size: int = 1,
     ) -> int:
@@ -483,7 +507,7 @@ class Scheduler:
         self._require_handlers()
         if not self._schema_checked:
             self.check_schema()
-        served = queues if queues is not None else self.settings.queues
+        served = self.settings.queues if queues is None else _queue_names(queues, _lanes(queues))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be an integer >= 1, not {batch_size!r}")
         worker_id = new_worker_id()
@@ -545,6 +569,70 @@ class Scheduler:
     def _engine(self) -> Engine:
         bind = self._bind()
         return bind.engine if isinstance(bind, Connection) else bind
+
+
+def _lanes(queues: object) -> dict[str, int] | None:
+    """``{queue: concurrency}`` if ``queues`` is such a mapping (checked), else ``None``."""
+    if not isinstance(queues, Mapping):
+        return None
+    if not queues:
+        raise ConfigurationError("queues must name at least one queue")
+    lanes: dict[str, int] = {}
+    for name, concurrency in queues.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"queues must be non-empty queue names, not {name!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(
+                f"the concurrency of queue {name!r} must be an integer >= 1, not {concurrency!r}"
+            )
+        lanes[name] = concurrency
+    return lanes
+
+
+def _queue_names(
+    queues: Sequence[str] | Mapping[str, int] | None, lanes: dict[str, int] | None
+) -> Sequence[str] | None:
+    return queues if lanes is None else tuple(lanes)  # type: ignore[return-value]
+
+
+def _run_all(workers: list[Worker], stop_all: Callable[[], None]) -> None:
+    """Run the workers, the first in this thread; when one fails, stop them all and raise."""
+    if len(workers) == 1:
+        workers[0].run()
+        return
+    errors: list[BaseException] = []
+
+    def run(worker: Worker) -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+            stop_all()
+
+    threads = [
+        threading.Thread(target=run, args=(w,), name=f"pgotask-queue-{w.settings.queues}")
+        for w in workers[1:]
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        workers[0].run()
+    except BaseException:
+        stop_all()
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _total(stats: Iterable[WorkerStats]) -> WorkerStats:
+    total = WorkerStats()
+    for one in stats:
+        for name in (f.name for f in dataclasses.fields(WorkerStats)):
+            setattr(total, name, getattr(total, name) + getattr(one, name))
+    return total
 
 
 def _settings(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -19,7 +21,8 @@ from sqla_pgotask import (
     paused_queues,
     resume_queue,
 )
-from tests.processes import run_pgotask
+from tests.apps.ledger import create_ledger
+from tests.processes import pgotask_worker, run_pgotask
 from tests.test_prune import closed_port_url
 from tests.test_worker import add_tasks, get_task, running, wait_until
 
@@ -186,3 +189,104 @@ def test_cli_queue_database_unreachable_or_unmigrated(
     done = run_pgotask(["queue", "list"], empty_database_url)
     assert done.returncode == 4, done.stderr
     assert "sqla_pgotask tables are not installed" in done.stderr
+
+
+# -- per-queue concurrency --------------------------------------------------------
+
+
+def test_per_queue_concurrency_is_checked(session_factory: sessionmaker[Session]) -> None:
+    for bad, message in [
+        ({}, "queues must name at least one queue"),
+        ({"": 1}, "queues must be non-empty queue names"),
+        ({"a": 0}, "the concurrency of queue 'a' must be an integer >= 1, not 0"),
+        ({"a": True}, "the concurrency of queue 'a' must be an integer >= 1, not True"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            Scheduler(session_factory, queues=bad)  # type: ignore[arg-type]
+    scheduler = Scheduler(session_factory, queues={"a": 2, "b": 1})
+    assert scheduler.settings.queues == ("a", "b")
+
+
+def test_each_queue_gets_its_own_threads(session_factory: sessionmaker[Session]) -> None:
+    scheduler = Scheduler(session_factory, poll_interval=0.2)
+    release = threading.Event()
+    lock = threading.Lock()
+    running_slow: list[int] = []
+    most_slow = [0]
+
+    @scheduler.handler("slow")
+    def slow(session: Session, task: Task) -> None:
+        with lock:
+            running_slow.append(task.id)
+            most_slow[0] = max(most_slow[0], len(running_slow))
+        release.wait(10)
+        with lock:
+            running_slow.remove(task.id)
+
+    @scheduler.handler("fast")
+    def fast(session: Session, task: Task) -> None:
+        pass
+
+    with running(scheduler, queues={"bulk": 1, "urgent": 2}) as stats:
+        workers = scheduler.running_workers
+        assert [w.settings.queues for w in workers] == [("bulk",), ("urgent",)]
+        assert [w.settings.concurrency for w in workers] == [1, 2]
+        for worker in workers[1:]:
+            assert worker.listener.wait_connected(10)
+        slow_ids = add_tasks(session_factory, *(Task(kind="slow", queue="bulk") for _ in range(3)))
+        wait_until(lambda: len(running_slow) == 1)
+        # The bulk queue's only thread is busy: urgent tasks run on their own threads.
+        fast_ids = add_tasks(
+            session_factory, *(Task(kind="fast", queue="urgent") for _ in range(20))
+        )
+        wait_until(
+            lambda: all(
+                get_task(session_factory, i).status is TaskStatus.SUCCEEDED for i in fast_ids
+            )
+        )
+        assert len(running_slow) == 1
+        release.set()
+        wait_until(
+            lambda: all(
+                get_task(session_factory, i).status is TaskStatus.SUCCEEDED for i in slow_ids
+            )
+        )
+    assert most_slow[0] == 1
+    assert stats[0].succeeded == 23  # the sum over both queues' workers
+
+
+def test_cli_worker_with_per_queue_concurrency(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    create_ledger(engine)
+    with pgotask_worker(
+        database_url, tmp_path, "--queue", "default=2", "--queue", "other"
+    ) as worker:
+        worker.wait_for_log("queues=['other'] concurrency=2")  # --queue Q: the default, 2
+        worker.wait_for_log("queues=['default'] concurrency=2")
+        with Session(engine) as session:
+            session.add_all([Task(kind="ledger", queue=q) for q in ("default", "other")])
+            session.commit()
+        wait_until(lambda: len(_ledger(engine)) == 2, 20)
+        worker.send(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("emails=0", "the concurrency of queue 'emails' must be at least 1, got 0"),
+        ("emails=-2", "the concurrency of queue 'emails' must be at least 1, got -2"),
+        ("emails=", "expected NAME=N with a number N, got 'emails='"),
+        ("=3", "expected NAME or NAME=N"),
+    ],
+)
+def test_cli_worker_bad_queue_concurrency(value: str, message: str) -> None:
+    done = run_pgotask(["worker", "tests.apps.ledger:scheduler", f"--queue={value}"], None)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+
+
+def _ledger(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT task_id FROM ledger")).scalars())
