@@ -161,6 +161,7 @@ def _claim_statement(cfg: Config) -> tuple[TextClause | None, dict[str, Any], st
         "limit": cfg.claim_limit,
         "worker": "pgotask-bench:claim-check",
         "lease_seconds": 300.0,
+        "excluded_queues": [],
     }
     names = set(claim.compile().params)
     unknown = names - set(known)

@@ -32,6 +32,7 @@ def claim_tasks(
     queues: Sequence[str] | None,
     limit: int,
     lease_seconds: float,
+    excluded_queues: Sequence[str] = (),
 ) -> list[Task]:
     """Mark up to ``limit`` due tasks running for ``worker_id`` and return them, detached.
 
@@ -43,7 +44,7 @@ def claim_tasks(
     """
     if limit <= 0 or not kinds:
         return []
-    statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds)
+    statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds, excluded_queues)
     with session_factory() as session:
         # One statement is its own transaction: autocommit saves the BEGIN and
         # COMMIT round trips (the row locks still last only for the statement).
@@ -62,8 +63,13 @@ def _claim(
     queues: Sequence[str] | None,
     limit: int,
     lease_seconds: float,
+    excluded_queues: Sequence[str] = (),
 ) -> tuple[Any, dict[str, object]]:
-    """The ORM statement of a claim (it loads ``Task`` objects) and its parameters."""
+    """The ORM statement of a claim (it loads ``Task`` objects) and its parameters.
+
+    ``excluded_queues`` (with ``queues=None`` only): queues whose tasks only
+    the limited claim takes (see :mod:`sqla_pgotask._limits`).
+    """
     params: dict[str, object] = {
         "kinds": list(kinds),
         "max_attempts": list(kinds.values()),
@@ -75,6 +81,8 @@ def _claim(
     if queues is not None:
         name = "claim_in_queues"
         params["queues"] = list(queues)
+    else:
+        params["excluded_queues"] = list(excluded_queues)
     return _orm_statement(name), params
 
 
@@ -123,19 +131,13 @@ class Claimer:
         queues: Sequence[str] | None,
         limit: int,
         lease_seconds: float,
+        excluded_queues: Sequence[str] = (),
     ) -> list[Task]:
         """As :func:`claim_tasks`, on the kept connection (opened again after a failure)."""
         if limit <= 0 or not kinds:
             return []
-        statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds)
-        session = self._session
-        if session is None:
-            conn = self.engine.connect()
-            conn.detach()  # outside the pool, like the LISTEN and heartbeat connections
-            # Each claim statement is its own transaction (psycopg autocommit);
-            # the Session's own begin and rollback are then no-ops.
-            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-            session = self._session = Session(bind=conn)
+        statement, params = _claim(worker_id, kinds, queues, limit, lease_seconds, excluded_queues)
+        session = self.session()
         try:
             tasks = list(session.scalars(statement, params))
         except Exception:
@@ -146,11 +148,23 @@ class Claimer:
                 session.expunge_all()
         return _in_claim_order(tasks)
 
+    def session(self) -> Session:
+        """The kept Session, on its autocommit connection (opened on first use)."""
+        session = self._session
+        if session is None:
+            conn = self.engine.connect()
+            conn.detach()  # outside the pool, like the LISTEN and heartbeat connections
+            # Each claim statement is its own transaction (psycopg autocommit);
+            # the Session's own begin and rollback are then no-ops.
+            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            session = self._session = Session(bind=conn)
+        return session
+
     def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:
         """Seconds until the next delayed task of ``kinds`` becomes due, or ``None``."""
-        session = self._session
-        if session is None or not kinds:
+        if not kinds:
             return None
+        session = self.session()
         try:
             seconds = session.execute(
                 query("next_due"),

@@ -27,14 +27,13 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, Union
 
 import psycopg
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from sqla_pgotask._claim import Claimer, claim_tasks
 from sqla_pgotask._connections import driver_sql
-from sqla_pgotask._queries import query
 from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.models import Task
 
@@ -344,38 +343,6 @@ def _setters(columns: tuple[tuple[str, int], ...], dialect: Dialect) -> list[tup
     return setters
 
 
-def claim_unlimited(
-    session: Session,
-    plan: LimitPlan,
-    *,
-    worker_id: str,
-    limit: int,
-    lease_seconds: float,
-) -> list[Task]:
-    """The usual claim, without the tasks of limited queues (a worker serving every queue)."""
-    params = {
-        "kinds": list(plan.fast_kinds),
-        "max_attempts": list(plan.fast_kinds.values()),
-        "limited_queues": list(plan.excluded_queues),
-        "limit": limit,
-        "worker": worker_id,
-        "lease_seconds": float(lease_seconds),
-    }
-    tasks = list(session.scalars(_unlimited_statement(), params))
-    session.expunge_all()
-    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
-    return tasks
-
-
-@cache
-def _unlimited_statement() -> Any:
-    return (
-        select(Task)
-        .from_statement(query("claim_unlimited"))
-        .execution_options(populate_existing=True)
-    )
-
-
 def claim_tasks_within_limits(
     session_factory: sessionmaker[Session],
     plan: LimitPlan,
@@ -409,19 +376,15 @@ def claim_tasks_within_limits(
 
         rest = limit - len(tasks)
         if rest > 0 and plan.fast:
-            if plan.excluded_queues:
-                tasks += claim_unlimited(
-                    session, plan, worker_id=worker_id, limit=rest, lease_seconds=lease_seconds
-                )
-            else:
-                tasks += claim_tasks(
-                    session_factory,
-                    worker_id=worker_id,
-                    kinds=plan.fast_kinds,
-                    queues=plan.fast_queues,
-                    limit=rest,
-                    lease_seconds=lease_seconds,
-                )
+            tasks += claim_tasks(
+                session_factory,
+                worker_id=worker_id,
+                kinds=plan.fast_kinds,
+                queues=plan.fast_queues,
+                limit=rest,
+                lease_seconds=lease_seconds,
+                excluded_queues=plan.excluded_queues,
+            )
         session.commit()
     return tasks
 
@@ -488,7 +451,8 @@ class LimitedClaims:
         self._open_at = 0.0
         self._kicked = False
         self._mine: set[int] = set()
-        self._session: Session | None = None
+        # A connection of its own, kept like the usual claim's.
+        self._own = Claimer(engine)
 
     def _kick(self) -> None:
         with self._lock:
@@ -532,13 +496,7 @@ class LimitedClaims:
             self._open_at = time.monotonic() + wait
 
     def _connection(self) -> Session:
-        session = self._session
-        if session is None:
-            conn = self.engine.connect()
-            conn.detach()  # outside the pool, like the usual claim's connection
-            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-            session = self._session = Session(bind=conn)
-        return session
+        return self._own.session()
 
     def claim(
         self,
@@ -575,51 +533,25 @@ class LimitedClaims:
         rest = limit - len(tasks)
         if rest <= 0 or not plan.fast:
             return tasks
-        if not plan.excluded_queues:
-            return tasks + claimer.claim(
-                worker_id=worker_id,
-                kinds=plan.fast_kinds,
-                queues=plan.fast_queues,
-                limit=rest,
-                lease_seconds=lease_seconds,
-            )
-        session = self._connection()
-        try:
-            return tasks + claim_unlimited(
-                session, plan, worker_id=worker_id, limit=rest, lease_seconds=lease_seconds
-            )
-        except Exception:
-            self.close()
-            raise
+        return tasks + claimer.claim(
+            worker_id=worker_id,
+            kinds=plan.fast_kinds,
+            queues=plan.fast_queues,
+            limit=rest,
+            lease_seconds=lease_seconds,
+            excluded_queues=plan.excluded_queues,
+        )
 
     def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:
         """Seconds until the next delayed task of ``kinds`` becomes due, or ``None``."""
-        if not kinds:
-            return None
-        session = self._connection()
-        try:
-            seconds = session.execute(
-                query("next_due"),
-                {"kinds": list(kinds), "queues": None if queues is None else list(queues)},
-            ).scalar()
-        except Exception:
-            self.close()
-            raise
+        seconds = self._own.next_due(kinds, queues)
         if seconds is None:
             return None
-        due = time.monotonic() + max(float(seconds), 0.0) + _RETRY_MARGIN
+        due = time.monotonic() + max(seconds, 0.0) + _RETRY_MARGIN
         with self._lock:  # a delayed limited task is claimed when it falls due
             self._open_at = min(self._open_at, due)
-        return float(seconds)
+        return seconds
 
     def close(self) -> None:
         """Give the connection back (after a failure, or when the worker stops)."""
-        session, self._session = self._session, None
-        if session is not None:
-            bind = session.bind
-            try:
-                session.close()
-                if isinstance(bind, Connection):
-                    bind.close()
-            except Exception:
-                logger.debug("closing the limited claim connection failed", exc_info=True)
+        self._own.close()

@@ -184,33 +184,3 @@ retry AS (
 SELECT c.*, retry.retry_in AS pgotask_retry_in
 FROM retry
 LEFT JOIN claimed AS c ON true;
-
--- name: claim_unlimited
--- The claim of a worker that serves every queue while some queues have a
--- limit: the usual claim (see queries.sql), without the tasks of those
--- queues, which only the locked claim above may take.  One autocommitted
--- statement, like the usual claim.
-WITH due AS (
-    SELECT id, kind
-    FROM pgotask_task
-    WHERE status = 'pending'
-      AND run_at <= now()
-      AND kind = ANY(CAST(:kinds AS text[]))
-      AND queue <> ALL (CAST(:limited_queues AS text[]))
-      AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
-    ORDER BY priority DESC, run_at, id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE pgotask_task AS t
-SET status = 'running',
-    attempts = t.attempts + 1,
-    max_attempts = COALESCE(t.max_attempts, h.max_attempts),
-    started_at = now(),
-    locked_by = :worker,
-    lease_expires_at = now() + make_interval(secs => :lease_seconds)
-FROM due
-JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
-    ON h.kind = due.kind
-WHERE t.id = due.id
-RETURNING t.*;

@@ -8,7 +8,9 @@
 
 -- name: claim
 -- Claim up to :limit due tasks of the kinds this worker handles, in priority
--- order, from queues that are not paused.  SKIP LOCKED lets concurrent workers (and application inserts) pass
+-- order, from queues that are not paused (nor in :excluded_queues, the
+-- queues with a fleet-wide limit, which only the limited claim of
+-- sql/limits.sql takes; usually empty).  SKIP LOCKED lets concurrent workers (and application inserts) pass
 -- each other without waiting; the transaction is committed at once, so the
 -- row locks last for this statement only.  A task without max_attempts takes
 -- its handler's setting here, so any worker can later tell whether a lost
@@ -19,6 +21,7 @@ WITH due AS (
     WHERE status = 'pending'
       AND run_at <= now()
       AND kind = ANY(CAST(:kinds AS text[]))
+      AND queue <> ALL (CAST(:excluded_queues AS text[]))
       AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
