@@ -7,9 +7,11 @@
                                          SQLAlchemy (2.0), in ./.venv-sqlalchemy20
     python3 dev.py bench [OPTIONS]      the benchmark suite against raw SQL (see
                                          benchmarks/README.md; --help lists the options)
+    python3 dev.py docs [MKDOCS ARGS]   build the documentation site into ./site, strictly
+                                         (a broken link or anchor fails it)
 
-test, demo and bench create ./.venv and install the project into it (editable, with test
-extras) the first time, and whenever pyproject.toml changed since.  The tests
+test, demo, bench and docs create ./.venv and install the project into it (editable, with
+the test and docs extras) the first time, and whenever pyproject.toml changed since.  The tests
 use PGOTASK_TEST_DATABASE_URL when set, else they start an embedded PostgreSQL.
 Local loops can skip the slow fault, process and packaging tests:
 ``python3 dev.py test -m "not slow"``.
@@ -39,18 +41,18 @@ def run(*cmd: str | os.PathLike[str]) -> None:
         sys.exit(code)
 
 
-def ensure_venv(where: Path = VENV, *extra: str) -> Path:
+def ensure_venv(where: Path = VENV, *extra: str, extras: str = "test,docs") -> Path:
     """Create ``where`` and install the project into it, unless done for this pyproject."""
     bin_dir = where / BIN_DIR
     stamp = where / ".pgotask-installed"
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr(extra).encode())
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr((extras, extra)).encode())
     if stamp.exists() and stamp.read_text() == wanted.hexdigest():
         return bin_dir
     if not (bin_dir / "python").exists():
         print(f"+ creating {where}", flush=True)
         venv.create(where, with_pip=True)
     run(bin_dir / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(bin_dir / "python", "-m", "pip", "install", "--quiet", "-e", ".[test]", *extra)
+    run(bin_dir / "python", "-m", "pip", "install", "--quiet", "-e", f".[{extras}]", *extra)
     stamp.write_text(wanted.hexdigest())
     return bin_dir
 
@@ -62,12 +64,18 @@ def test(args: list[str]) -> None:
     run(BIN / "python", "-m", "pytest", *args)
 
 
+def docs(args: list[str]) -> None:
+    # mkdocs.yml sets strict and turns broken links and anchors into warnings.
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # a banner, not a build warning
+    run(BIN / "mkdocs", "build", "--strict", *args)
+
+
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo", "compat", "bench"}:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"test", "demo", "compat", "bench", "docs"}:
         print(__doc__)
         sys.exit(2)
     if sys.argv[1] == "compat":
-        compat_bin = ensure_venv(COMPAT_VENV, COMPAT_PIN)
+        compat_bin = ensure_venv(COMPAT_VENV, COMPAT_PIN, extras="test")
         run(
             compat_bin / "python",
             "-m",
@@ -84,6 +92,8 @@ def main() -> None:
         test(sys.argv[2:])
     elif sys.argv[1] == "bench":
         run(BIN / "python", "-m", "benchmarks.run", *sys.argv[2:])
+    elif sys.argv[1] == "docs":
+        docs(sys.argv[2:])
     else:
         run(BIN / "pgotask", "demo", *sys.argv[2:])
 

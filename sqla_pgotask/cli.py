@@ -546,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
     listing.add_argument("--json", action="store_true", help="print the result as JSON")
     listing.set_defaults(func=cmd_queue)
+
+    # stats, list, show, retry, cancel, check, enqueue (see docs/operations.md)
+    from sqla_pgotask._admin_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
