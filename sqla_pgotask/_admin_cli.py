@@ -89,7 +89,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
-class _ProgressBar:
+class ProgressBar:
     """A one-line ``\\r`` progress bar on stderr, drawn only when stderr is a terminal."""
 
     def __init__(self, label: str, stream: TextIO | None = None) -> None:
@@ -98,8 +98,13 @@ class _ProgressBar:
         self.enabled = self.stream.isatty()
         self.drawn = False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int | None = None) -> None:
         if not self.enabled:
+            return
+        if total is None:  # a total not known in advance: the count so far
+            self.stream.write(f"\r{self.label}: {done}")
+            self.stream.flush()
+            self.drawn = True
             return
         width = 30
         filled = width if total == 0 else width * done // total
@@ -290,7 +295,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise UsageError("give task ids or filters (--failed, --cancelled, --kind, ...), not both")
     if not ids and not statuses:
         raise UsageError("give task ids, or --failed and/or --cancelled (with optional filters)")
-    progress = _ProgressBar("retrying")
+    progress = ProgressBar("retrying")
     with _sessions(args, check=False) as factory:
         try:
             result = retry_tasks(
@@ -338,7 +343,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         )
     if ids and args.all:
         raise UsageError("give task ids or --all, not both")
-    progress = _ProgressBar("cancelling")
+    progress = ProgressBar("cancelling")
     with _sessions(args, check=False) as factory:
         try:
             result = cancel_tasks(

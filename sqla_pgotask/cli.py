@@ -217,14 +217,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Delete finished tasks older than --older-than, in batches (see docs/pruning.md)."""
     from sqlalchemy import create_engine
 
+    from sqla_pgotask._admin_cli import ProgressBar
     from sqla_pgotask.retention import prune_tasks
 
     statuses = tuple(dict.fromkeys(args.status)) if args.status else FINISHED_STATUSES
     older_than: dt.timedelta = args.older_than
     engine = create_engine(_database_url(args))
+    progress = ProgressBar("deleted")  # drawn on a terminal only
     try:
         deleted = prune_tasks(
-            engine, older_than=older_than, statuses=statuses, batch_size=args.batch_size
+            engine,
+            older_than=older_than,
+            statuses=statuses,
+            batch_size=args.batch_size,
+            progress=progress,
         )
     except IntegrityError as exc:
         # A foreign key of the application's that forbids deleting a task.
@@ -236,6 +242,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
         return EXIT_ERROR
     finally:
+        progress.close()
         engine.dispose()
     names = [status.value for status in statuses]
     if args.json:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,8 +179,11 @@ def prune_tasks(
     older_than: dt.timedelta,
     statuses: Iterable[TaskStatus | str] = FINISHED_STATUSES,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Delete tasks in ``statuses`` that finished more than ``older_than`` ago; return how many.
+
+    ``progress(deleted_so_far)`` is called after each batch, if given.
 
     ``bind`` is an ``Engine`` or the application's ``sessionmaker``.
     ``statuses`` defaults to every final status (``succeeded``, ``failed``,
@@ -226,6 +229,8 @@ def prune_tasks(
         deleted = int(row.deleted)
         batches += 1
         total += deleted
+        if progress is not None:
+            progress(total)
         logger.debug("prune batch %d: deleted %d tasks", batches, deleted)
         # Fewer than asked: the scan reached the end (SKIP LOCKED keeps
         # scanning past locked rows, so a short batch is the last one).

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus
-from sqla_pgotask._admin_cli import _ProgressBar
+from sqla_pgotask._admin_cli import ProgressBar
 from sqla_pgotask.admin import (
     TaskFilter,
     cancel_tasks,
@@ -580,7 +580,7 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_only_on_a_terminal() -> None:
     terminal = _Terminal()
-    bar = _ProgressBar("retrying", terminal)
+    bar = ProgressBar("retrying", terminal)
     bar(3, 6)
     bar(6, 6)
     bar.close()
@@ -589,7 +589,14 @@ def test_progress_bar_only_on_a_terminal() -> None:
         "\rretrying [##############################] 6/6 (100%)\n"
     )
     pipe = io.StringIO()
-    quiet = _ProgressBar("retrying", pipe)
+    quiet = ProgressBar("retrying", pipe)
     quiet(1, 1)
     quiet.close()
     assert pipe.getvalue() == ""
+    # A total not known in advance (pgotask prune): the count so far.
+    counter = _Terminal()
+    deleted = ProgressBar("deleted", counter)
+    deleted(1000)
+    deleted(1500)
+    deleted.close()
+    assert counter.getvalue() == "\rdeleted: 1000\rdeleted: 1500\n"

@@ -140,8 +140,10 @@ def test_deletes_in_batches(engine: Engine, caplog: pytest.LogCaptureFixture) ->
 
 def test_exact_multiple_of_the_batch_size(engine: Engine) -> None:
     _add(engine, TaskStatus.CANCELLED, days_ago=10, count=6)
-    assert prune_tasks(engine, older_than=WEEK, batch_size=3) == 6
+    seen: list[int] = []
+    assert prune_tasks(engine, older_than=WEEK, batch_size=3, progress=seen.append) == 6
     assert _remaining(engine) == set()
+    assert seen == [3, 6, 6]  # after each batch, the last one empty
 
 
 def test_takes_a_sessionmaker(session_factory: sessionmaker[Session], engine: Engine) -> None:
