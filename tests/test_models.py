@@ -30,6 +30,8 @@ from sqlalchemy.orm import (
 )
 
 from sqla_pgotask import InvalidPayloadError, Task, TaskError, TaskStatus
+from sqla_pgotask._connections import _DIALECT
+from sqla_pgotask._queries import query
 
 
 class AppBase(DeclarativeBase):
@@ -279,6 +281,46 @@ def test_claim_query_uses_the_partial_index(session: Session) -> None:
         )
     )
     assert "ix_pgotask_task_claim" in plan, plan
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("paused", [False, True])
+def test_real_claim_statements_walk_the_claim_index(
+    session: Session, plan_mode: str, paused: bool
+) -> None:
+    # Most tasks in one queue (the usual case): a filter on queue must not
+    # make the planner believe almost nothing matches, read every pending
+    # task and sort them.  Checked for the custom plans of the first
+    # executions and for the generic plan a prepared statement may switch to.
+    session.execute(
+        text(
+            "INSERT INTO pgotask_task (kind, status) "
+            "SELECT 'k', CASE WHEN g % 2 = 0 THEN 'pending' ELSE 'succeeded' END "
+            "FROM generate_series(1, 20000) g"
+        )
+    )
+    if paused:
+        session.execute(text("SELECT pgotask_pause_queue('other')"))
+    session.execute(text("ANALYZE pgotask_task"))
+    session.execute(text("ANALYZE pgotask_queue"))
+    session.execute(text(f"SET LOCAL plan_cache_mode = {plan_mode}"))
+    params = {
+        "kinds": ["k"],
+        "max_attempts": [3],
+        "limit": 10,
+        "worker": "w",
+        "lease_seconds": 30.0,
+        "excluded_queues": [],
+        "queues": ["default"],
+    }
+    driver = session.connection().connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    for name in ("claim", "claim_in_queues"):
+        statement = str(query(name).compile(dialect=_DIALECT))
+        rows = driver.execute("EXPLAIN " + statement, params, prepare=True).fetchall()
+        plan = "\n".join(str(row[0]) for row in rows)
+        assert "ix_pgotask_task_claim" in plan, f"{name}:\n{plan}"
+        assert "Sort" not in plan, f"{name}:\n{plan}"
 
 
 def test_committed_tasks_wake_workers_once_per_queue(

@@ -84,7 +84,9 @@ picks AS (
           AND t.run_at <= statement_timestamp()
           AND t.kind = ANY(CAST(:kinds AS text[]))
           AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])))
-          AND t.queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
+          AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
+               OR t.queue <> ALL (ARRAY(SELECT name FROM pgotask_queue
+                                        WHERE paused_at IS NOT NULL)))
           AND (t.kind = a.kind OR t.queue = a.queue)
           AND NOT EXISTS (
               SELECT 1 FROM allow AS x

@@ -10,7 +10,14 @@
 -- Claim up to :limit due tasks of the kinds this worker handles, in priority
 -- order, from queues that are not paused (nor in :excluded_queues, the
 -- queues with a fleet-wide limit, which only the limited claim of
--- sql/limits.sql takes; usually empty).  SKIP LOCKED lets concurrent workers (and application inserts) pass
+-- sql/limits.sql takes; usually empty).
+--
+-- Each queue filter is guarded ("no queue is paused OR ..."): on its own,
+-- `queue <> ALL (<an array unknown at planning>)` is estimated to keep almost
+-- no row when most tasks share one queue, and the planner then reads every
+-- pending task and sorts them (7x slower at 40,000 pending) instead of
+-- walking ix_pgotask_task_claim.  The guard keeps the estimate at half the
+-- rows, and costs one lookup in the small pgotask_queue table.  SKIP LOCKED lets concurrent workers (and application inserts) pass
 -- each other without waiting; the transaction is committed at once, so the
 -- row locks last for this statement only.  A task without max_attempts takes
 -- its handler's setting here, so any worker can later tell whether a lost
@@ -21,8 +28,10 @@ WITH due AS (
     WHERE status = 'pending'
       AND run_at <= now()
       AND kind = ANY(CAST(:kinds AS text[]))
-      AND queue <> ALL (CAST(:excluded_queues AS text[]))
-      AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
+      AND (cardinality(CAST(:excluded_queues AS text[])) = 0
+           OR queue <> ALL (CAST(:excluded_queues AS text[])))
+      AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
+           OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)))
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -49,7 +58,8 @@ WITH due AS (
       AND run_at <= now()
       AND kind = ANY(CAST(:kinds AS text[]))
       AND queue = ANY(CAST(:queues AS text[]))
-      AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL))
+      AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
+           OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)))
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -78,7 +88,8 @@ WHERE status = 'pending'
   AND run_at > now()
   AND kind = ANY(CAST(:kinds AS text[]))
   AND (CAST(:queues AS text[]) IS NULL OR queue = ANY(CAST(:queues AS text[])))
-  AND queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL));
+  AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
+       OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)));
 
 -- name: complete
 -- A batch's completion, in the batch's own transaction after its handlers
