@@ -7,7 +7,7 @@ together with the task's completion, or not at all.
 """
 
 from sqla_pgotask._limits import QueueLimit, RateLimit
-from sqla_pgotask.context import AttemptContext, current_attempt
+from sqla_pgotask.context import AttemptContext, Outcome, current_attempt
 from sqla_pgotask.enqueue import TaskFields, add_many
 from sqla_pgotask.errors import (
     ClaimLostError,
@@ -42,6 +42,7 @@ __all__ = [
     "HandlerTransactionError",
     "InvalidPayloadError",
     "NonRetryableError",
+    "Outcome",
     "PgotaskError",
     "QueueLimit",
     "RateLimit",

@@ -19,7 +19,6 @@ kind has been slow, run in a transaction of their own.
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import threading
@@ -34,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import _savepoints
 from sqla_pgotask._queries import query
-from sqla_pgotask.context import AttemptContext, reset_current, set_current
+from sqla_pgotask.context import AttemptContext, Outcome, reset_current, set_current
 from sqla_pgotask.errors import (
     HandlerTransactionError,
     Snooze,
@@ -42,6 +41,7 @@ from sqla_pgotask.errors import (
     TaskTimeoutError,
 )
 from sqla_pgotask.handlers import Handler
+from sqla_pgotask.middleware import NO_HOOKS, CallNext, Hooks, compose, log_fields, notify
 from sqla_pgotask.models import Task, TaskStatus
 
 logger = logging.getLogger("sqla_pgotask.worker")
@@ -59,23 +59,6 @@ _SET_TIMEOUTS = text(
 IDLE_TIMEOUT_MARGIN = 5.0
 
 Item = tuple[Task, AttemptContext]
-
-
-class Outcome(str, enum.Enum):
-    """What became of one attempt."""
-
-    SUCCEEDED = "succeeded"
-    RETRY = "retry"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    #: The claim was lost (the task is no longer ours): nothing was written.
-    LOST = "lost"
-    #: Given back without consuming an attempt: its batch had to be rolled
-    #: back because another task's claim was lost at the last moment.
-    RELEASED = "released"
-    #: The handler raised :class:`~sqla_pgotask.Snooze`: pending again, later,
-    #: without using an attempt.
-    SNOOZED = "snoozed"
 
 
 @dataclass(frozen=True)
@@ -155,6 +138,8 @@ class _Chunk:
     cancelled: list[AttemptContext] = field(default_factory=list)
     lost: list[AttemptContext] = field(default_factory=list)
     snoozed: list[tuple[AttemptContext, float]] = field(default_factory=list)
+    #: What each attempt that raised raised, by ``id(ctx)`` (for outcome hooks).
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 class BatchRunner:
@@ -168,6 +153,7 @@ class BatchRunner:
         worker_id: str,
         limits: BatchLimits | None = None,
         times: KindTimes | None = None,
+        hooks: Hooks = NO_HOOKS,
     ) -> None:
         self.session_factory = session_factory
         self.bind = bind
@@ -175,6 +161,14 @@ class BatchRunner:
         self.worker_id = worker_id
         self.limits = limits or BatchLimits()
         self.times = times or KindTimes()
+        self.hooks = hooks
+        # Each kind's handler wrapped in the middleware once, here: with none,
+        # the handlers themselves (no per-task cost).
+        self._calls: Mapping[str, CallNext] = (
+            {kind: compose(hooks.middleware, h) for kind, h in handlers.items()}
+            if hooks.middleware
+            else handlers
+        )
         # A borrowed Connection may already be in a transaction that the
         # first task must not roll back: then every task takes a savepoint.
         self._own_connections = not isinstance(bind, Connection)
@@ -300,7 +294,7 @@ class BatchRunner:
                     },
                 )
             try:
-                result = self._call(session, handler, task, ctx)
+                result = self._call(session, self._calls[task.kind], task, ctx)
             except Exception as exc:
                 _rollback(session)
                 if conn.invalidated:  # the connection died: the batch is gone
@@ -309,12 +303,13 @@ class BatchRunner:
             else:
                 chunk.done.append((ctx, _result_json(result)))
         finally:
+            ctx.end()
             lazy.disarm()
             reset_current(token)
             session.close()
-            self.times.observe(ctx.kind, time.monotonic() - (ctx.started or 0.0))
+            self.times.observe(ctx.kind, ctx.duration or 0.0)
 
-    def _call(self, session: Session, handler: Handler, task: Task, ctx: AttemptContext) -> object:
+    def _call(self, session: Session, handler: CallNext, task: Task, ctx: AttemptContext) -> object:
         root = session.begin()
         session.add(task)
         session.info[_IN_HANDLER] = True
@@ -335,6 +330,7 @@ class BatchRunner:
     def _after_exception(
         self, handler: Handler, ctx: AttemptContext, exc: Exception, chunk: _Chunk
     ) -> None:
+        chunk.errors[id(ctx)] = exc
         if ctx.lost:
             chunk.lost.append(ctx)
         elif isinstance(exc, TaskCancelledError) or ctx.cancel_requested:
@@ -345,7 +341,7 @@ class BatchRunner:
             if ctx.timed_out and not isinstance(exc, TaskTimeoutError):
                 timeout = TaskTimeoutError(ctx.timeout_message())
                 timeout.__cause__ = exc
-                exc = timeout
+                exc = chunk.errors[id(ctx)] = timeout
             chunk.failed.append((ctx, handler, exc))
 
     def _finish(
@@ -421,6 +417,8 @@ class BatchRunner:
         txn.commit()
         for ctx, outcome in outcomes:
             _log_outcome(ctx, outcome)
+        if self.hooks.on_outcome:
+            notify(self.hooks.on_outcome, outcomes, chunk.errors)
         return outcomes
 
     def _record_failures(
@@ -457,7 +455,8 @@ class BatchRunner:
             if ctx.task_id not in recorded:
                 outcomes.append((ctx, Outcome.LOST))
                 continue
-            outcomes.append((ctx, Outcome.FAILED if final else Outcome.RETRY))
+            outcome = Outcome.FAILED if final else Outcome.RETRY
+            outcomes.append((ctx, outcome))
             logger.warning(
                 "task %s (%s) attempt %s failed: %s: %s%s",
                 ctx.task_id,
@@ -466,7 +465,12 @@ class BatchRunner:
                 type(exc).__name__,
                 exc,
                 "" if final else f" (retry in {delay:.1f}s)",
-                extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": ctx.attempt},
+                extra={
+                    **log_fields(ctx),
+                    "outcome": outcome.value,
+                    "duration": ctx.duration,
+                    "error_type": _qualified_name(type(exc)),
+                },
             )
         return outcomes
 
@@ -480,6 +484,11 @@ class BatchRunner:
                 conn, [(ctx, self.handlers[ctx.kind], exc) for ctx in contexts]
             )
             txn.commit()
+        for ctx, outcome in outcomes:
+            if outcome is Outcome.LOST:
+                _log_outcome(ctx, outcome)
+        if self.hooks.on_outcome:
+            notify(self.hooks.on_outcome, outcomes, {id(ctx): exc for ctx in contexts})
         return outcomes
 
 
@@ -510,33 +519,32 @@ def new_context(task: Task, handler: Handler) -> AttemptContext:
         attempt=task.attempts,
         max_attempts=task.max_attempts or handler.max_attempts,
         timeout=handler.timeout,
+        queue=task.queue,
     )
 
 
 def _log_outcome(ctx: AttemptContext, outcome: Outcome) -> None:
+    # Every record about a task carries the same ``extra`` fields (see
+    # docs/observability.md); this one, the attempt's last, also its outcome
+    # and the handler's duration (``None`` if it never ran).
     if outcome is Outcome.LOST:
         logger.warning(
             "task %s (%s) attempt %s: claim lost, its writes were rolled back",
             ctx.task_id,
             ctx.kind,
             ctx.attempt,
-            extra={"task_id": ctx.task_id, "kind": ctx.kind, "attempt": ctx.attempt},
+            extra={**log_fields(ctx), "outcome": outcome.value, "duration": ctx.duration},
         )
     elif logger.isEnabledFor(logging.INFO):
-        duration = time.monotonic() - (ctx.started or 0.0)
+        duration = ctx.duration
         logger.info(
             "task %s (%s) attempt %s: %s in %.3fs",
             ctx.task_id,
             ctx.kind,
             ctx.attempt,
             outcome.value,
-            duration,
-            extra={
-                "task_id": ctx.task_id,
-                "kind": ctx.kind,
-                "attempt": ctx.attempt,
-                "duration": duration,
-            },
+            duration or 0.0,
+            extra={**log_fields(ctx), "outcome": outcome.value, "duration": duration},
         )
 
 

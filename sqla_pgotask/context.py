@@ -18,10 +18,30 @@ bounded by the server (see the ``timeout`` option of ``handler``).
 from __future__ import annotations
 
 import contextvars
+import enum
 import time
 from dataclasses import dataclass, field
 
 from sqla_pgotask.errors import ClaimLostError, TaskCancelledError, TaskTimeoutError
+
+
+class Outcome(str, enum.Enum):
+    """What became of one attempt, once the worker's transaction committed."""
+
+    SUCCEEDED = "succeeded"
+    #: Failed; pending again after its backoff.
+    RETRY = "retry"
+    #: Failed, and no attempt is left (or the error is not retryable).
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    #: The claim was lost (the task is no longer ours): nothing was written.
+    LOST = "lost"
+    #: Given back without consuming an attempt: its batch had to be rolled
+    #: back because another task's claim was lost at the last moment.
+    RELEASED = "released"
+    #: The handler raised :class:`~sqla_pgotask.Snooze`: pending again, later,
+    #: without using an attempt.
+    SNOOZED = "snoozed"
 
 
 @dataclass(eq=False)
@@ -35,8 +55,12 @@ class AttemptContext:
     max_attempts: int = 1
     #: The handler's ``timeout`` in seconds, if it has one.
     timeout: float | None = None
+    #: The task's queue.
+    queue: str = "default"
     #: ``time.monotonic()`` when the handler started (``None`` while queued).
     started: float | None = None
+    #: ``time.monotonic()`` when the handler returned or raised.
+    ended: float | None = None
     # Set by other threads (listener, heartbeat), read by the handler's:
     # plain attributes are enough under the GIL, and cheaper than Events.
     _cancel_requested: bool = field(default=False, repr=False)
@@ -45,6 +69,17 @@ class AttemptContext:
     def begin(self) -> None:
         """Start the clock: the handler is about to be called."""
         self.started = time.monotonic()
+
+    def end(self) -> None:
+        """Stop the clock: the handler returned or raised."""
+        self.ended = time.monotonic()
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the handler (with its middleware) took; ``None`` if it never ran."""
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
 
     @property
     def deadline(self) -> float | None:

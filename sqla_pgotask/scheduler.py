@@ -45,6 +45,7 @@ from sqla_pgotask._limits import (
 from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
+from sqla_pgotask.middleware import Hooks, Middleware, OutcomeHook, check_callable
 from sqla_pgotask.models import Task, TaskStatus
 from sqla_pgotask.periodic import (
     HandlerDecorator,
@@ -92,6 +93,12 @@ class Scheduler:
     :class:`~sqla_pgotask.Retention`; by default succeeded and cancelled
     tasks 1 day, failed ones 14 days); the workers' maintenance loop deletes
     older ones in small batches.  ``None``: workers delete nothing.
+
+    ``middleware``: functions ``fn(call_next, session, task)`` wrapped around
+    every handler attempt, the first outermost; ``on_outcome``: functions
+    ``fn(ctx, outcome, error)`` called after each attempt's outcome
+    committed (see :meth:`middleware`, :meth:`on_outcome` and
+    ``docs/observability.md``).
     """
 
     def __init__(
@@ -109,6 +116,8 @@ class Scheduler:
         batch_size: int = 100,
         batch_window: float = 0.1,
         retention: Retention | None = DEFAULT_RETENTION,
+        middleware: Sequence[Middleware] = (),
+        on_outcome: Sequence[OutcomeHook] = (),
     ) -> None:
         if not isinstance(session_factory, sessionmaker):
             raise ConfigurationError(
@@ -134,6 +143,12 @@ class Scheduler:
         self._schema_checked = False
         self._schedules: dict[str, Schedule] = {}
         self._queue_limits: dict[str, QueueLimit] = {}
+        self._middleware: list[Middleware] = []
+        self._outcome_hooks: list[OutcomeHook] = []
+        for fn in middleware:
+            self.middleware(fn)
+        for hook in on_outcome:
+            self.on_outcome(hook)
 
     # -- handlers -----------------------------------------------------------
 
@@ -187,6 +202,44 @@ class Scheduler:
             return handler
 
         return register
+
+    def middleware(self, fn: Middleware) -> Middleware:
+        """Wrap every handler attempt in ``fn(call_next, session, task)``; return ``fn``.
+
+        Usable as a decorator.  ``fn`` runs in the attempt's transaction and
+        ``current_attempt()`` context, calls ``call_next(session, task)`` to
+        run the rest (later middleware, then the handler), and returns its
+        result or raises.  Exceptions it does not catch (including
+        :class:`~sqla_pgotask.Snooze` and
+        :class:`~sqla_pgotask.TaskCancelledError`) count as the handler's.
+        Middleware registered first is outermost.  Register it before
+        :meth:`run`: a running worker keeps the middleware it started with.
+        """
+        check_callable(fn, "middleware")
+        with self._lock:
+            self._middleware.append(fn)
+        return fn
+
+    def on_outcome(self, fn: OutcomeHook) -> OutcomeHook:
+        """Call ``fn(ctx, outcome, error)`` after each attempt's outcome commits; return ``fn``.
+
+        Usable as a decorator.  ``ctx`` is the attempt's
+        :class:`~sqla_pgotask.AttemptContext`, ``outcome`` an
+        :class:`~sqla_pgotask.Outcome`, ``error`` what the attempt raised
+        (``None`` if it did not).  Hooks run on the handler thread, outside
+        any transaction, after the batch committed; an exception in a hook is
+        logged and ignored.  Register them before :meth:`run`.
+        """
+        check_callable(fn, "on_outcome hook")
+        with self._lock:
+            self._outcome_hooks.append(fn)
+        return fn
+
+    @property
+    def hooks(self) -> Hooks:
+        """The middleware and outcome hooks registered so far (a snapshot)."""
+        with self._lock:
+            return Hooks(tuple(self._middleware), tuple(self._outcome_hooks))
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -430,6 +483,7 @@ class Scheduler:
                     bind=self._bind(),
                     schedules=plan_schedules,
                     queue_limits=self._queue_limits,
+                    hooks=self.hooks,
                 )
                 for plan, plan_schedules in zip(plans, schedules, strict=True)
             ]
@@ -517,7 +571,9 @@ class Scheduler:
             savepoints=self.settings.batch.savepoints,
             slow=self.settings.batch.slow,
         )
-        runner = BatchRunner(self.session_factory, self._bind(), self._handlers, worker_id, limits)
+        runner = BatchRunner(
+            self.session_factory, self._bind(), self._handlers, worker_id, limits, hooks=self.hooks
+        )
         plan = plan_limits(self._handlers, self._queue_limits, served)
         count = 0
         while max_tasks is None or count < max_tasks:

@@ -37,7 +37,8 @@ from sqlalchemy import Connection, Engine, and_, event, func, select, update
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, Outcome, new_context
+from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
+from sqla_pgotask.context import Outcome
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import Handler, HandlerFunc
 from sqla_pgotask.models import QueueState, Task, TaskError, TaskStatus
@@ -258,7 +259,12 @@ class _Drain:
         }
         self.worker_id = new_worker_id()
         self.runner = BatchRunner(
-            self.factory, _bind_of(self.factory), self.handlers, self.worker_id, BatchLimits(size=1)
+            self.factory,
+            _bind_of(self.factory),
+            self.handlers,
+            self.worker_id,
+            BatchLimits(size=1),
+            hooks=scheduler.hooks,
         )
         check_schema(self.factory)
 

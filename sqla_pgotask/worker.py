@@ -35,7 +35,6 @@ from sqla_pgotask._execute import (
     BatchRunner,
     Item,
     KindTimes,
-    Outcome,
     new_context,
 )
 from sqla_pgotask._limits import LimitedClaims, QueueLimit, plan_limits
@@ -43,8 +42,9 @@ from sqla_pgotask._listener import Listener
 from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask._periodic_thread import PeriodicThread
 from sqla_pgotask._queries import query
-from sqla_pgotask.context import AttemptContext
+from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.handlers import Handler
+from sqla_pgotask.middleware import NO_HOOKS, Hooks
 from sqla_pgotask.models import Task
 from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.retention import Retention
@@ -147,8 +147,10 @@ class Worker:
         bind: Engine | Connection | None = None,
         schedules: Sequence[Schedule] = (),
         queue_limits: Mapping[str, QueueLimit] | None = None,
+        hooks: Hooks = NO_HOOKS,
     ) -> None:
         self.session_factory = session_factory
+        self.hooks = hooks
         self.bind = engine if bind is None else bind
         self.times = KindTimes()
         self._throughput = Throughput()
@@ -323,6 +325,7 @@ class Worker:
             self.worker_id,
             self.settings.batch,
             self.times,
+            self.hooks,
         )
         concurrency = self.settings.concurrency
         size = self.settings.batch.size

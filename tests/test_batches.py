@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus, _savepoints
 from sqla_pgotask._claim import claim_tasks
-from sqla_pgotask._execute import BatchRunner, Outcome, new_context
+from sqla_pgotask._execute import BatchRunner, new_context
+from sqla_pgotask.context import Outcome
 from tests.test_worker import Ledger, add_tasks, app, ledger_ids, running, wait_until
 
 __all__ = ["app"]  # the fixture

@@ -22,7 +22,8 @@ from sqla_pgotask import (
     TaskStatus,
 )
 from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import BatchRunner, Outcome, new_context
+from sqla_pgotask._execute import BatchRunner, new_context
+from sqla_pgotask.context import Outcome
 from sqla_pgotask.worker import WorkerStats
 
 

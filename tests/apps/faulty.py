@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 
 from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, func
@@ -86,7 +87,10 @@ class _QuietTaskLines(logging.Filter):
         )
 
 
-logging.getLogger("sqla_pgotask.worker").addFilter(_QuietTaskLines())
+# In the worker processes only: imported by the test process (for its
+# constants), the filter would hide these records from every later test.
+if "pytest" not in sys.modules:
+    logging.getLogger("sqla_pgotask.worker").addFilter(_QuietTaskLines())
 
 engine = create_engine(
     os.environ.get(DATABASE_URL_ENV, "postgresql+psycopg:///pgotask_faulty_unset"),
