@@ -14,12 +14,10 @@ import datetime as dt
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, TextIO
 
-from sqlalchemy import create_engine, func
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import func
 
 from sqla_pgotask.admin import (
     LIVE_STATUSES,
@@ -37,29 +35,14 @@ from sqla_pgotask.cli import (
     EXIT_OK,
     EXIT_SCHEMA,
     UsageError,
-    _database_url,
     _duration,
     _positive_float,
     _positive_int,
     _queue_name,
+    non_empty,
+    sessions,
 )
 from sqla_pgotask.models import Task, TaskStatus
-
-
-@contextmanager
-def _sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessionmaker[Session]]:
-    """A sessionmaker on ``--database-url``; the schema checked first (exit 4 if not at head)."""
-    from sqla_pgotask.schema import check_schema
-
-    engine = create_engine(_database_url(args))
-    try:
-        factory = sessionmaker(engine)
-        if check:
-            check_schema(factory)
-        yield factory
-    finally:
-        engine.dispose()
-
 
 # -- output helpers ----------------------------------------------------------------
 
@@ -162,7 +145,7 @@ def _filter(args: argparse.Namespace, statuses: Sequence[TaskStatus] = ()) -> Ta
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Task counts per queue and kind, the oldest due task's age, and throughput."""
-    with _sessions(args) as factory, factory() as session:
+    with sessions(args) as factory, factory() as session:
         stats = queue_stats(session)
     if args.json:
         print(
@@ -210,7 +193,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List tasks, newest first, filtered by status, kind, queue and age."""
-    with _sessions(args) as factory, factory() as session:
+    with sessions(args) as factory, factory() as session:
         tasks = list_tasks(session, _filter(args), limit=args.limit)
         found = [_task_dict(t) for t in tasks]
         rows = [
@@ -238,7 +221,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Show one task: every column, its payload, and each failed attempt with its traceback."""
-    with _sessions(args) as factory, factory() as session:
+    with sessions(args) as factory, factory() as session:
         task = get_task(session, args.id)
         if task is None:
             print(f"pgotask: error: no task with id {args.id}", file=sys.stderr)
@@ -296,7 +279,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not ids and not statuses:
         raise UsageError("give task ids, or --failed and/or --cancelled (with optional filters)")
     progress = ProgressBar("retrying")
-    with _sessions(args, check=False) as factory:
+    with sessions(args, check=False) as factory:
         try:
             result = retry_tasks(
                 factory,
@@ -344,7 +327,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if ids and args.all:
         raise UsageError("give task ids or --all, not both")
     progress = ProgressBar("cancelling")
-    with _sessions(args, check=False) as factory:
+    with sessions(args, check=False) as factory:
         try:
             result = cancel_tasks(
                 factory,
@@ -377,7 +360,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Health probe: schema, live workers, stuck tasks, backlog age; exit 0 only when healthy."""
-    with _sessions(args, check=False) as factory:
+    with sessions(args, check=False) as factory:
         report = health(
             factory,
             worker_timeout=None if args.no_workers else args.worker_timeout,
@@ -409,7 +392,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         task.run_at = func.now() + run_at  # the database's clock
     elif run_at is not None:
         task.run_at = run_at
-    with _sessions(args) as factory, factory.begin() as session:
+    with sessions(args) as factory, factory.begin() as session:
         session.add(task)
         session.flush()
         session.refresh(task)
@@ -488,16 +471,8 @@ def _run_at(value: str) -> dt.datetime | dt.timedelta:
     return when
 
 
-def _kind(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError("the task kind must not be empty")
-    return value
-
-
-def _dedup_key(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError("the dedup key must not be empty")
-    return value
+_kind = non_empty("the task kind")
+_dedup_key = non_empty("the dedup key")
 
 
 def _int(value: str) -> int:

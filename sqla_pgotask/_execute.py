@@ -386,34 +386,11 @@ class BatchRunner:
         if chunk.failed:
             outcomes += self._record_failures(conn, chunk.failed)
         if chunk.snoozed:
-            snoozed = set(
-                conn.execute(
-                    query("snooze"),
-                    {
-                        "ids": [c.task_id for c, _ in chunk.snoozed],
-                        "attempts": [c.attempt for c, _ in chunk.snoozed],
-                        "delays": [delay for _, delay in chunk.snoozed],
-                    },
-                ).scalars()
-            )
-            outcomes += [
-                (c, Outcome.SNOOZED if c.task_id in snoozed else Outcome.LOST)
-                for c, _ in chunk.snoozed
-            ]
+            snoozed = [c for c, _ in chunk.snoozed]
+            delays = [delay for _, delay in chunk.snoozed]
+            outcomes += _fenced(conn, "snooze", snoozed, Outcome.SNOOZED, delays=delays)
         if chunk.cancelled:
-            ended = set(
-                conn.execute(
-                    query("finish_cancelled"),
-                    {
-                        "ids": [c.task_id for c in chunk.cancelled],
-                        "attempts": [c.attempt for c in chunk.cancelled],
-                    },
-                ).scalars()
-            )
-            outcomes += [
-                (c, Outcome.CANCELLED if c.task_id in ended else Outcome.LOST)
-                for c in chunk.cancelled
-            ]
+            outcomes += _fenced(conn, "finish_cancelled", chunk.cancelled, Outcome.CANCELLED)
         txn.commit()
         for ctx, outcome in outcomes:
             _log_outcome(ctx, outcome)
@@ -490,6 +467,27 @@ class BatchRunner:
         if self.hooks.on_outcome:
             notify(self.hooks.on_outcome, outcomes, {id(ctx): exc for ctx in contexts})
         return outcomes
+
+
+def _fenced(
+    conn: Connection,
+    name: str,
+    contexts: list[AttemptContext],
+    outcome: Outcome,
+    **arrays: list[Any],
+) -> list[tuple[AttemptContext, Outcome]]:
+    """Run the fenced statement ``name`` over ``contexts``; ``outcome`` where it held, else LOST.
+
+    The statement takes ``:ids`` and ``:attempts`` (plus ``arrays``, one
+    element per context) and returns the ids whose fence held.
+    """
+    params: dict[str, Any] = {
+        "ids": [c.task_id for c in contexts],
+        "attempts": [c.attempt for c in contexts],
+        **arrays,
+    }
+    held = set(conn.execute(query(name), params).scalars())
+    return [(c, outcome if c.task_id in held else Outcome.LOST) for c in contexts]
 
 
 def _begin(conn: Connection) -> Any:

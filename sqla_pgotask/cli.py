@@ -18,10 +18,12 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask.errors import ConfigurationError, SchemaError
 from sqla_pgotask.models import TaskStatus
@@ -266,24 +268,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     """Pause, resume or list paused queues, fleet-wide (see docs/queues.md)."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import sessionmaker
-
     from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
-    from sqla_pgotask.schema import check_schema
 
-    engine = create_engine(_database_url(args))
-    try:
-        factory = sessionmaker(engine)
-        check_schema(factory)
-        with factory.begin() as session:
-            paused = paused_queues(session)
-            if args.action == "pause":
-                pause_queue(session, args.name)
-            elif args.action == "resume":
-                resume_queue(session, args.name)
-    finally:
-        engine.dispose()
+    with sessions(args) as factory, factory.begin() as session:
+        paused = paused_queues(session)
+        if args.action == "pause":
+            pause_queue(session, args.name)
+        elif args.action == "resume":
+            resume_queue(session, args.name)
     if args.action == "list":
         if args.json:
             print(json.dumps({name: when.isoformat() for name, when in paused.items()}))
@@ -326,6 +318,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sqla_pgotask.demo import run_demo
 
     return run_demo(args.database_url or os.environ.get(DATABASE_URL_ENV))
+
+
+@contextmanager
+def sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessionmaker[Session]]:
+    """A sessionmaker on ``--database-url``; the schema checked first (exit 4 if not at head)."""
+    from sqlalchemy import create_engine
+
+    from sqla_pgotask.schema import check_schema
+
+    engine = create_engine(_database_url(args))
+    try:
+        factory = sessionmaker(engine)
+        if check:
+            check_schema(factory)
+        yield factory
+    finally:
+        engine.dispose()
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -419,10 +428,18 @@ def _queue_spec(value: str) -> tuple[str, int | None]:
     return name, number
 
 
-def _queue_name(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError("a queue name must not be empty")
-    return value
+def non_empty(what: str) -> Callable[[str], str]:
+    """An argument type refusing an empty (or blank) value, named ``what`` in the error."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return value
+
+    return check
+
+
+_queue_name = non_empty("a queue name")
 
 
 def _non_negative_float(value: str) -> float:
