@@ -39,6 +39,7 @@ from sqla_pgotask.errors import (
     Snooze,
     TaskCancelledError,
     TaskTimeoutError,
+    qualified_name,
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.middleware import NO_HOOKS, CallNext, Hooks, compose, log_fields, notify
@@ -417,7 +418,7 @@ class BatchRunner:
                         for _, _, final, _ in rows
                     ],
                     "delays": [delay for *_, delay in rows],
-                    "exception_types": [_qualified_name(type(exc)) for _, exc, _, _ in rows],
+                    "exception_types": [qualified_name(type(exc)) for _, exc, _, _ in rows],
                     "messages": [str(exc)[:_MAX_MESSAGE] for _, exc, _, _ in rows],
                     "tracebacks": [
                         "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK:]
@@ -446,7 +447,7 @@ class BatchRunner:
                     **log_fields(ctx),
                     "outcome": outcome.value,
                     "duration": ctx.duration,
-                    "error_type": _qualified_name(type(exc)),
+                    "error_type": qualified_name(type(exc)),
                 },
             )
         return outcomes
@@ -554,11 +555,6 @@ def _rollback(session: Session) -> None:
         session.rollback()
     except Exception:
         logger.debug("rollback failed", exc_info=True)
-
-
-def _qualified_name(cls: type[BaseException]) -> str:
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _result_json(result: Any) -> str | None:

@@ -29,10 +29,15 @@ VERSION_LOCATION = "sqla_pgotask:migrations/versions"
 BRANCH_LABEL = "sqla_pgotask"
 
 #: The newest revision of the library's branch; workers require the database to be here.
-HEAD_REVISION = "sqla_pgotask_0003"
+HEAD_REVISION = "sqla_pgotask_0004"
 
 #: Every revision of the branch, oldest first.
-REVISIONS: tuple[str, ...] = ("sqla_pgotask_0001", "sqla_pgotask_0002", "sqla_pgotask_0003")
+REVISIONS: tuple[str, ...] = (
+    "sqla_pgotask_0001",
+    "sqla_pgotask_0002",
+    "sqla_pgotask_0003",
+    "sqla_pgotask_0004",
+)
 
 #: The version table of the library's standalone environment (``pgotask migrate``),
 #: kept apart from an application's ``alembic_version``.

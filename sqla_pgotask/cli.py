@@ -25,6 +25,7 @@ from types import FrameType
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from sqla_pgotask import _metrics_cli
 from sqla_pgotask.errors import ConfigurationError, SchemaError
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
@@ -154,7 +155,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         watch_supervisor(args.supervisor_pid, args.ready_fd, current)
     try:
+        prometheus = _metrics_cli.load(args) if _metrics_cli.wanted(args) else None
         loaded.append(load_scheduler(args.scheduler))
+        if prometheus is not None:
+            _metrics_cli.instrument(prometheus, loaded[0])
+            if args.metrics_port is not None:
+                _metrics_cli.serve(prometheus, args)
         stats = loaded[0].run(
             concurrency=args.concurrency,
             queues=_served_queues(args.queue, args.concurrency or loaded[0].settings.concurrency),
@@ -189,14 +195,17 @@ def _supervise(args: argparse.Namespace) -> int:
         raise UsageError("--processes needs POSIX signals; run one 'pgotask worker' per process")
     split_scheduler_path(args.scheduler)  # fail now, not in N processes
     try:
-        return Supervisor(_worker_process_args(args), args.processes).run()
+        with _metrics_cli.supervisor_metrics(args) as (metrics_args, on_exit):
+            worker_args = _worker_process_args(args) + metrics_args
+            return Supervisor(worker_args, args.processes, on_exit=on_exit).run()
     except ChildFailedError as exc:
         print(f"pgotask: error: {exc}", file=sys.stderr)
         return exc.code
 
 
 def _worker_process_args(args: argparse.Namespace) -> list[str]:
-    """The arguments of one worker process: these, without ``--processes``.
+    """The arguments of one worker process: these, without ``--processes``
+    (nor ``--metrics-port``: the supervisor serves the metrics).
 
     Every ``pgotask worker`` option must be passed on here.  ``--opt=value``
     keeps a value that starts with a dash (a queue name) from reading as an
@@ -354,6 +363,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {port}")
+    return port
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -502,9 +521,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N worker processes under a supervisor that restarts them, "
         "to use N cores (default: 1, no supervisor)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+        "needs the prometheus extra); with --processes, the supervisor serves all of them",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        type=non_empty("the metrics host"),
+        default="0.0.0.0",
+        metavar="HOST",
+        help="the address --metrics-port listens on (default: 0.0.0.0, every interface)",
+    )
     # Passed by the supervisor to its worker processes only.
     worker.add_argument(SUPERVISOR_PID_OPTION, type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument(READY_FD_OPTION, type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument(
+        _metrics_cli.METRICS_DIR_OPTION, default=None, dest="metrics_dir", help=argparse.SUPPRESS
+    )
     worker.set_defaults(func=cmd_worker)
 
     migrate = commands.add_parser(
@@ -590,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except UsageError as exc:
+    except (UsageError, _metrics_cli.MetricsError) as exc:
         parser.exit(EXIT_USAGE, f"pgotask: error: {exc}\n")
     except ConfigurationError as exc:
         parser.exit(EXIT_USAGE, f"pgotask: error: {exc}\n")

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, TypedDict, overload
 from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
+from sqla_pgotask import _tracing
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import InvalidPayloadError
 from sqla_pgotask.models import Task, check_on_duplicate, dump_payload, encode_json
@@ -81,6 +82,7 @@ _NO_PARAMS: Final[dict[str, object]] = {
     "run_at": None,
     "max_attempts": None,
     "kinds": None,
+    "trace_context": None,
     **{array: None for _, array in _PER_TASK},
 }
 
@@ -187,6 +189,7 @@ def add_many(
         count, params = _rows_params(tasks)
     if not count:
         return [] if return_ids else 0
+    params["trace_context"] = _tracing.current_json()
     connection = session.connection(bind_arguments={"mapper": Task})
     if return_ids:
         # Identity values grow in insertion order, which is the order given.

@@ -60,3 +60,9 @@ class TaskTimeoutError(Exception):
 
 class ClaimLostError(Exception):
     """The worker no longer owns the attempt: another worker took the task over."""
+
+
+def qualified_name(cls: type[BaseException]) -> str:
+    """``module.QualName`` of an exception type (``QualName`` alone for builtins)."""
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

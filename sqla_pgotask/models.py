@@ -155,6 +155,12 @@ class Task(Base):
     #: instant the schedule fired) it runs for; ``None`` for other tasks.
     schedule: Mapped[str | None] = mapped_column(_NULLABLE_TEXT)
     slot: Mapped[dt.datetime | None] = mapped_column(_NULLABLE_TZ)
+    #: The W3C trace context (``{"traceparent": ..., "tracestate": ...}``) of
+    #: the span that enqueued the task, recorded once tracing is on (see
+    #: :mod:`sqla_pgotask.otel`): a worker's span for each attempt links to it.
+    #: ``None`` when the task was enqueued outside a span; plain SQL may set it.
+    #: (Plain ``JSONB``: left out of the INSERT when not set, like the columns above.)
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONB)
 
     #: The task's failed attempts, oldest first.  The worker writes them; this
     #: collection only reads them (appending to it raises): a read-only

@@ -173,6 +173,8 @@ class Supervisor:
     a signal and returns the exit code, or raises :class:`ChildFailedError`.
     It must be called from the main thread: it installs signal handlers for
     SIGTERM, SIGINT and SIGCHLD, and restores the previous ones on return.
+    ``on_exit(pid)`` is called after each worker process exits (the
+    metrics endpoint forgets its live gauges).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class Supervisor:
         restart_delay_min: float = RESTART_DELAY_MIN,
         restart_delay_max: float = RESTART_DELAY_MAX,
         stable_after: float = STABLE_AFTER,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, not {processes!r}")
@@ -191,6 +194,7 @@ class Supervisor:
         self.restart_delay_min = restart_delay_min
         self.restart_delay_max = restart_delay_max
         self.stable_after = stable_after
+        self.on_exit = on_exit
         self._children = [_Child(n) for n in range(1, processes + 1)]
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -406,6 +410,11 @@ class Supervisor:
         self._read_ready(child)  # it may have started just before exiting
         self._close_ready_fd(child)
         child.process = None
+        if self.on_exit is not None:
+            try:
+                self.on_exit(process.pid)
+            except Exception:
+                logger.exception("on_exit failed for worker process %d", process.pid)
         ran = time.monotonic() - child.started_at
         what = f"worker process {child.number} (pid {process.pid}) {describe_exit(returncode)}"
         if self._stopping:

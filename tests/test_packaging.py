@@ -111,6 +111,35 @@ def test_version_location_resolves_from_a_wheel_install(
 
     where = _upgrade_heads_and_check(python, tmp_path, fresh_database)
     assert where.is_relative_to(venv.resolve())
+    _check_without_extras(venv, tmp_path)
+
+
+def _check_without_extras(venv: Path, workdir: Path) -> None:
+    """The core works without the optional extras, and asking for one says what to install."""
+    python = venv / "bin" / "python"
+    _run(
+        [python, "-c", "import sqla_pgotask.cli, sqla_pgotask.testing, sqla_pgotask.admin"], workdir
+    )
+    done = subprocess.run(
+        [venv / "bin" / "pgotask", "worker", "app:scheduler", "--metrics-port", "0"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'sqla-pgotask[prometheus]'" in done.stderr
+    done = subprocess.run(
+        [python, "-c", "import sqla_pgotask.otel"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "No module named 'opentelemetry'" in done.stderr
 
 
 def test_version_location_resolves_from_the_editable_install(

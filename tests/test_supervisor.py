@@ -202,9 +202,17 @@ def test_worker_processes_get_every_worker_option() -> None:
         "processes",
         "supervisor_pid",
         "ready_fd",
+        # Not forwarded: the supervisor serves the metrics, and gives its worker
+        # processes the hidden --metrics-dir instead (sqla_pgotask._metrics_cli).
+        "metrics_port",
+        "metrics_host",
+        "metrics_dir",
     }
     child = vars(parser.parse_args(_worker_process_args(args)))
     assert child == {**given, "processes": 1}
+    with_metrics = parser.parse_args(["worker", "app:s", "--processes=2", "--metrics-port=9300"])
+    child = vars(parser.parse_args(_worker_process_args(with_metrics)))
+    assert (child["metrics_port"], child["metrics_dir"]) == (None, None)
 
 
 # -- arguments and start-up failures ---------------------------------------------

@@ -340,8 +340,9 @@ SELECT pgotask_schema_revision();
 -- ROWS FROM zips the payloads with the arrays, in order; a NULL array
 -- yields no rows and is padded with NULLs.  The insert trigger fires once for
 -- the statement: one NOTIFY per distinct queue, not one per row.
+-- :trace_context (the enqueuing span's, with tracing on) is the same for all.
 INSERT INTO pgotask_task (kind, queue, payload, priority, run_at, max_attempts, dedup_key,
-                          on_duplicate)
+                          on_duplicate, trace_context)
 SELECT COALESCE(t.kind, CAST(:kind AS text)),
        COALESCE(t.queue, CAST(:queue AS text), 'default'),
        COALESCE(NULLIF(t.payload, CAST('null' AS jsonb)), CAST('{}' AS jsonb)),
@@ -349,7 +350,8 @@ SELECT COALESCE(t.kind, CAST(:kind AS text)),
        COALESCE(t.run_at, CAST(:run_at AS timestamptz), now()),
        COALESCE(t.max_attempts, CAST(:max_attempts AS integer)),
        t.dedup_key,
-       t.on_duplicate
+       t.on_duplicate,
+       CAST(:trace_context AS jsonb)
 FROM ROWS FROM (
          jsonb_array_elements(CAST(:payloads AS jsonb)),
          unnest(CAST(:kinds AS text[])),
