@@ -30,7 +30,6 @@ from sqla_pgotask.admin import (
     retry_tasks,
 )
 from sqla_pgotask.cli import (
-    DATABASE_URL_ENV,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_SCHEMA,
@@ -39,6 +38,8 @@ from sqla_pgotask.cli import (
     _positive_float,
     _positive_int,
     _queue_name,
+    batch_size_option,
+    database_options,
     non_empty,
     sessions,
 )
@@ -496,11 +497,6 @@ def _seconds_or_duration(value: str) -> float:
 # -- parser ------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
 def _filters(parser: argparse.ArgumentParser, *, statuses: Sequence[TaskStatus] | None) -> None:
     if statuses is not None:
         parser.add_argument(
@@ -530,7 +526,7 @@ def add_commands(commands: Any) -> None:
     stats = commands.add_parser(
         "stats", help="task counts per queue and kind", description=cmd_stats.__doc__
     )
-    _common(stats)
+    database_options(stats)
     stats.set_defaults(func=cmd_stats)
 
     listing = commands.add_parser(
@@ -540,14 +536,14 @@ def add_commands(commands: Any) -> None:
     listing.add_argument(
         "--limit", type=_positive_int, default=50, metavar="N", help="at most N tasks (default: 50)"
     )
-    _common(listing)
+    database_options(listing)
     listing.set_defaults(func=cmd_list)
 
     show = commands.add_parser(
         "show", help="show one task and its errors", description=cmd_show.__doc__
     )
     show.add_argument("id", type=_task_id, help="the task id")
-    _common(show)
+    database_options(show)
     show.set_defaults(func=cmd_show)
 
     retry = commands.add_parser(
@@ -568,14 +564,8 @@ def add_commands(commands: Any) -> None:
         metavar="N",
         help="attempts each task gets: max_attempts becomes attempts + N (default: 1)",
     )
-    retry.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=1_000,
-        metavar="N",
-        help="tasks per transaction (default: 1000)",
-    )
-    _common(retry)
+    batch_size_option(retry, 1_000, "tasks per transaction")
+    database_options(retry)
     retry.set_defaults(func=cmd_retry)
 
     cancel = commands.add_parser(
@@ -586,14 +576,8 @@ def add_commands(commands: Any) -> None:
     cancel.add_argument(
         "--all", action="store_true", help="every pending and running task (no filter)"
     )
-    cancel.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=1_000,
-        metavar="N",
-        help="tasks per transaction (default: 1000)",
-    )
-    _common(cancel)
+    batch_size_option(cancel, 1_000, "tasks per transaction")
+    database_options(cancel)
     cancel.set_defaults(func=cmd_cancel)
 
     check = commands.add_parser(
@@ -621,7 +605,7 @@ def add_commands(commands: Any) -> None:
         metavar="AGE",
         help="fail if a due task has waited longer than AGE (30s, 15m, ...; default: no limit)",
     )
-    _common(check)
+    database_options(check)
     check.set_defaults(func=cmd_check)
 
     enqueue = commands.add_parser("enqueue", help="add a task", description=cmd_enqueue.__doc__)
@@ -650,7 +634,7 @@ def add_commands(commands: Any) -> None:
         metavar="N",
         help="default: the handler's setting",
     )
-    _common(enqueue)
+    database_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)
 
 

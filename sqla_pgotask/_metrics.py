@@ -14,13 +14,12 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import ConfigurationError
-from sqla_pgotask.models import Task
+from sqla_pgotask.models import TASK_BIND
 from sqla_pgotask.scheduler import Scheduler
 
 logger = logging.getLogger("sqla_pgotask.metrics")
@@ -48,8 +47,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
 
 #: The states :attr:`QueueDepth.counts` reports.
 STATES = ("due", "scheduled", "running")
-
-_BIND: dict[str, Any] = {"mapper": Task.__mapper__}
 
 
 class Instrumented:
@@ -142,7 +139,7 @@ class QueueDepthReader:
     def _query(self) -> list[QueueDepth]:
         try:
             with self.session_factory() as session:
-                result = session.execute(query("metrics_queue_depth"), bind_arguments=_BIND)
+                result = session.execute(query("metrics_queue_depth"), bind_arguments=TASK_BIND)
                 rows = [QueueDepth(**row._asdict()) for row in result]
         except Exception:
             logger.warning("could not read the queue depth for metrics", exc_info=True)

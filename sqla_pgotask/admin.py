@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import SchemaError
-from sqla_pgotask.models import Task, TaskStatus
+from sqla_pgotask.models import TASK_BIND, Task, TaskStatus
 from sqla_pgotask.schema import check_schema
 
 __all__ = [
@@ -69,7 +69,6 @@ Progress = Callable[[int, int], None]
 
 
 # Like retention.py: the statements are text(), so say which bind they use.
-_BIND: dict[str, Any] = {"mapper": Task.__mapper__}
 
 
 # -- statistics ----------------------------------------------------------------
@@ -111,7 +110,7 @@ def queue_stats(session: Session, *, window: dt.timedelta = THROUGHPUT_WINDOW) -
     if window <= dt.timedelta(0):
         raise ValueError(f"window must be positive, got {window!r}")
     result = session.execute(
-        query("admin_stats"), {"window_seconds": window.total_seconds()}, bind_arguments=_BIND
+        query("admin_stats"), {"window_seconds": window.total_seconds()}, bind_arguments=TASK_BIND
     )
     rows = [QueueKindStats(**row._asdict()) for row in result]
     return QueueStats(rows=rows, window=window)
@@ -283,11 +282,11 @@ def retry_tasks(
     for batch in batches:
         with session_factory.begin() as session:
             params = {"ids": batch}
-            session.execute(query("admin_retry_lock_dedup"), params, bind_arguments=_BIND)
+            session.execute(query("admin_retry_lock_dedup"), params, bind_arguments=TASK_BIND)
             rows = session.execute(
                 query("admin_retry"),
                 {**params, "extra_attempts": extra_attempts},
-                bind_arguments=_BIND,
+                bind_arguments=TASK_BIND,
             ).all()
         seen = set()
         for row in rows:
@@ -334,7 +333,7 @@ def cancel_tasks(
     for batch in batches:
         with session_factory.begin() as session:
             rows = session.execute(
-                query("admin_cancel"), {"ids": batch}, bind_arguments=_BIND
+                query("admin_cancel"), {"ids": batch}, bind_arguments=TASK_BIND
             ).all()
         seen = set()
         for row in rows:
@@ -414,7 +413,7 @@ def health(
             workers = session.execute(
                 query("admin_live_workers"),
                 {"timeout_seconds": worker_timeout},
-                bind_arguments=_BIND,
+                bind_arguments=TASK_BIND,
             ).all()
             ids = [w.id for w in workers]
             checks.append(
@@ -430,7 +429,7 @@ def health(
         stuck = session.execute(
             query("admin_stuck_tasks"),
             {"stuck_seconds": stuck_after, "limit": 10},
-            bind_arguments=_BIND,
+            bind_arguments=TASK_BIND,
         ).all()
         count = int(stuck[0].total) if stuck else 0
         sample = [s.id for s in stuck]
@@ -446,7 +445,9 @@ def health(
             )
         )
         if max_age is not None:
-            oldest = session.execute(query("admin_oldest_due"), bind_arguments=_BIND).one_or_none()
+            oldest = session.execute(
+                query("admin_oldest_due"), bind_arguments=TASK_BIND
+            ).one_or_none()
             age = None if oldest is None else float(oldest.age_seconds)
             late = age is not None and age > max_age
             checks.append(

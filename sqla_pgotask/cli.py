@@ -471,6 +471,23 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def database_options(parser: argparse.ArgumentParser) -> None:
+    """``--database-url`` and ``--json``: the options of every command about the database."""
+    parser.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def batch_size_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--batch-size N`` of a bulk command: ``what`` one transaction handles."""
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=default,
+        metavar="N",
+        help=f"{what} (default: {default})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pgotask``."""
     parser = argparse.ArgumentParser(
@@ -577,15 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STATUS",
         help="succeeded, failed or cancelled (repeatable; default: all three)",
     )
-    prune.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=10_000,
-        metavar="N",
-        help="tasks deleted per transaction (default: 10000)",
-    )
-    prune.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    prune.add_argument("--json", action="store_true", help="print the result as JSON")
+    batch_size_option(prune, 10_000, "tasks deleted per transaction")
+    database_options(prune)
     prune.set_defaults(func=cmd_prune)
 
     queue = commands.add_parser(
@@ -598,14 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = actions.add_parser(action, help=text, description=text)
         sub.add_argument("name", type=_queue_name, help="the queue")
-        sub.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-        sub.add_argument("--json", action="store_true", help="print the result as JSON")
+        database_options(sub)
         sub.set_defaults(func=cmd_queue)
     listing = actions.add_parser(
         "list", help="list paused queues", description="list paused queues"
     )
-    listing.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    listing.add_argument("--json", action="store_true", help="print the result as JSON")
+    database_options(listing)
     listing.set_defaults(func=cmd_queue)
 
     # stats, list, show, retry, cancel, check, enqueue (see docs/operations.md)

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from sqla_pgotask import _tracing
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import InvalidPayloadError
-from sqla_pgotask.models import Task, check_on_duplicate, dump_payload, encode_json
+from sqla_pgotask.models import TASK_BIND, Task, check_on_duplicate, dump_payload, encode_json
 
 __all__ = ["TaskFields", "add_many"]
 
@@ -190,7 +190,7 @@ def add_many(
     if not count:
         return [] if return_ids else 0
     params["trace_context"] = _tracing.current_json()
-    connection = session.connection(bind_arguments={"mapper": Task})
+    connection = session.connection(bind_arguments=TASK_BIND)
     if return_ids:
         # Identity values grow in insertion order, which is the order given.
         return sorted(connection.execute(_insert_returning_ids(), params).scalars())

@@ -239,6 +239,11 @@ class Task(Base):
         )
 
 
+#: ``bind_arguments`` that route a textual statement about tasks to the
+#: engine ``Task`` is bound to (a Session may have several binds).
+TASK_BIND: dict[str, Any] = {"mapper": Task.__mapper__}
+
+
 class TaskError(Base):
     """One failed attempt of a task: what was raised, where, and when."""
 

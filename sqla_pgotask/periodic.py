@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask._queries import query
 from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.handlers import Handler
-from sqla_pgotask.models import Task, encode_json
+from sqla_pgotask.models import TASK_BIND, encode_json
 
 logger = logging.getLogger("sqla_pgotask.periodic")
 
@@ -643,7 +643,7 @@ def enqueue_periodic(
 
 def _session_execute(session: Session) -> Execute:
     def execute(name: str, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
-        connection = session.connection(bind_arguments={"mapper": Task.__mapper__})
+        connection = session.connection(bind_arguments=TASK_BIND)
         result = connection.execute(query(name), dict(params))
         return [tuple(row) for row in result] if result.returns_rows else []
 

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._connections import driver_sql
 from sqla_pgotask.errors import ConfigurationError
-from sqla_pgotask.models import Task, TaskStatus
+from sqla_pgotask.models import TASK_BIND, TaskStatus
 from sqla_pgotask.schema import check_schema
 
 __all__ = ["FINISHED_STATUSES", "Retention", "prune_tasks"]
@@ -220,7 +220,7 @@ def prune_tasks(
                 row = session.execute(
                     _DELETE_BATCH,
                     {**params, "after": after},
-                    bind_arguments={"mapper": Task.__mapper__},
+                    bind_arguments=TASK_BIND,
                 ).one()
         except Exception:
             if total:
@@ -274,6 +274,4 @@ def _check_statuses(statuses: Iterable[TaskStatus | str]) -> tuple[TaskStatus, .
 
 
 def _scalar(session: Session, statement: Any, params: dict[str, Any]) -> Any:
-    return session.execute(
-        statement, params, bind_arguments={"mapper": Task.__mapper__}
-    ).scalar_one()
+    return session.execute(statement, params, bind_arguments=TASK_BIND).scalar_one()

@@ -41,7 +41,7 @@ from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_
 from sqla_pgotask.context import Outcome
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import Handler, HandlerFunc
-from sqla_pgotask.models import QueueState, Task, TaskError, TaskStatus
+from sqla_pgotask.models import TASK_BIND, QueueState, Task, TaskError, TaskStatus
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.schema import check_schema
 from sqla_pgotask.worker import new_worker_id
@@ -204,9 +204,7 @@ def drain(
     session = session_or_bind if isinstance(session_or_bind, Session) else None
     if session is not None:
         session.flush()
-        bind: Connection | Engine | None = session.connection(
-            bind_arguments={"mapper": Task.__mapper__}
-        )
+        bind: Connection | Engine | None = session.connection(bind_arguments=TASK_BIND)
     else:
         bind = session_or_bind  # type: ignore[assignment]
     result = DrainResult()
