@@ -68,11 +68,25 @@ def check_callable(fn: object, what: str) -> None:
 
 
 def compose(middleware: Sequence[Middleware], handler: CallNext) -> CallNext:
-    """``handler`` wrapped in ``middleware``, the first one outermost."""
-    call = handler
+    """``handler`` wrapped in ``middleware``, the first one outermost.
+
+    Inside the middleware, the handler's writes are flushed before
+    ``call_next`` returns: a middleware sees the flush's exceptions, and what
+    it holds around the call (a tracing span, a logging context) is still
+    current while the handler's rows are inserted.
+    """
+    if not middleware:
+        return handler
+    call: CallNext = functools.partial(_flushed, handler)
     for mw in reversed(middleware):
         call = functools.partial(mw, call)
     return call
+
+
+def _flushed(handler: CallNext, session: Session, task: Task) -> object:
+    result = handler(session, task)
+    session.flush()
+    return result
 
 
 def notify(

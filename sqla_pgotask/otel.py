@@ -214,12 +214,9 @@ class _Attempts:
         with trace.use_span(
             span, end_on_exit=False, record_exception=False, set_status_on_exception=False
         ):
-            result = call_next(session, task)
-            # The tasks the handler added are inserted at this flush (the
-            # worker's own comes after the span stopped being current), so
-            # they record this attempt's trace context.
-            session.flush()
-            return result
+            # The handler's writes are flushed inside call_next (see
+            # middleware.compose): the tasks it adds record this span.
+            return call_next(session, task)
 
     def on_outcome(
         self, ctx: AttemptContext, outcome: Outcome, error: BaseException | None
