@@ -148,13 +148,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def current() -> Scheduler | None:
         return loaded[0] if loaded else None
 
-    # Before importing the application: a signal while it loads stops cleanly too.
-    _install_stop_signals(current, supervised=supervised)
-    if supervised:
-        from sqla_pgotask.supervisor import watch_supervisor
-
-        watch_supervisor(args.supervisor_pid, args.ready_fd, current)
     try:
+        # Before importing the application: a signal while it loads stops cleanly
+        # too. Inside the try: a signal may arrive the moment the handler is set.
+        _install_stop_signals(current, supervised=supervised)
+        if supervised:
+            from sqla_pgotask.supervisor import watch_supervisor
+
+            watch_supervisor(args.supervisor_pid, args.ready_fd, current)
         prometheus = _metrics_cli.load(args) if _metrics_cli.wanted(args) else None
         loaded.append(load_scheduler(args.scheduler))
         if prometheus is not None:

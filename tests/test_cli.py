@@ -7,6 +7,7 @@ unreachable, 4 schema missing or outdated.
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import socket
 import subprocess
@@ -306,3 +307,32 @@ def test_sigterm_while_starting_exits_at_once() -> None:
     assert elapsed < 5
     assert "SIGTERM: stopping" in stderr
     assert "worker stopped before it started" in stderr
+
+
+@pytest.fixture
+def restore_stop_signals() -> Iterator[None]:
+    """Put back SIGINT/SIGTERM handlers that ``cmd_worker`` replaced in this process."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_signal_right_after_the_handlers_are_set_stops_cleanly(
+    monkeypatch: pytest.MonkeyPatch, restore_stop_signals: None
+) -> None:
+    # The supervisor may stop a worker process at any moment of its start:
+    # here SIGTERM lands while the supervised process sets up its watcher,
+    # before the application is imported. It exits 0, with no traceback.
+    from sqla_pgotask import cli, supervisor
+
+    def signalled_while_watching(*_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(supervisor, "watch_supervisor", signalled_while_watching)
+    args = cli.build_parser().parse_args(
+        ["worker", "nosuchmodule:scheduler", cli.SUPERVISOR_PID_OPTION, str(os.getppid())]
+    )
+    assert cli.cmd_worker(args) == cli.EXIT_OK
