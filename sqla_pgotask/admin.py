@@ -19,7 +19,8 @@ scripts and admin pages can call directly::
 Retrying puts a ``failed`` or ``cancelled`` task back to ``pending``, due
 now, with ``max_attempts = attempts + extra_attempts`` (one more attempt by
 default), so that a task that used up its budget runs again and stops again
-if it fails.  Cancelling goes through the same trigger as
+if it fails; idle workers of its queue are notified when the batch commits,
+as for a new task.  Cancelling goes through the same trigger as
 :meth:`Scheduler.cancel <sqla_pgotask.Scheduler.cancel>`.  Bulk operations
 work in batches, each a short transaction of its own.
 """
@@ -288,6 +289,12 @@ def retry_tasks(
                 {**params, "extra_attempts": extra_attempts},
                 bind_arguments=TASK_BIND,
             ).all()
+            # An UPDATE fires no insert trigger: wake idle workers ourselves.
+            queues = sorted({row.queue for row in rows if row.retried})
+            if queues:
+                session.execute(
+                    query("admin_notify_queues"), {"queues": queues}, bind_arguments=TASK_BIND
+                )
         seen = set()
         for row in rows:
             seen.add(row.id)

@@ -11,8 +11,9 @@ import io
 import json
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, make_url, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus
@@ -600,3 +601,29 @@ def test_progress_bar_only_on_a_terminal() -> None:
     deleted(1500)
     deleted.close()
     assert counter.getvalue() == "\rdeleted: 1000\rdeleted: 1500\n"
+
+
+def test_retry_wakes_the_workers_of_each_retried_queue(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    # An UPDATE fires no insert trigger: retry notifies by itself, once per
+    # queue, when its batch commits, so an idle worker starts the task at once.
+    emails, reports, reports_too, pending = _add(
+        session_factory,
+        _failed("job", queue="emails"),
+        _failed("job", queue="reports"),
+        _failed("job", queue="reports"),
+        Task(kind="job", queue="other"),
+    )
+    with psycopg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as listener:
+        listener.execute("LISTEN pgotask")
+        result = retry_tasks(session_factory, ids=[emails, reports, reports_too, pending])
+        assert result.retried == [emails, reports, reports_too]
+        heard = [n.payload for n in listener.notifies(timeout=2, stop_after=3)]
+        assert sorted(heard) == ["emails", "reports"]
+        # Nothing retried, nothing sent.
+        assert retry_tasks(session_factory, ids=[pending]).retried == []
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == []

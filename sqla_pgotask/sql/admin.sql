@@ -78,11 +78,17 @@ retried AS (
         max_attempts = t.attempts + :extra_attempts
     FROM eligible
     WHERE t.id = eligible.id
-    RETURNING t.id
+    RETURNING t.id, t.queue
 )
-SELECT locked.id, (retried.id IS NOT NULL) AS retried
+SELECT locked.id, (retried.id IS NOT NULL) AS retried, retried.queue
 FROM locked LEFT JOIN retried ON retried.id = locked.id
 ORDER BY locked.id
+
+-- name: admin_notify_queues
+-- Wake the workers of :queues, as the insert trigger does for new tasks:
+-- one NOTIFY per queue, delivered when the transaction commits.
+SELECT count(pg_notify('pgotask', q))
+FROM (SELECT DISTINCT unnest(CAST(:queues AS text[])) AS q ORDER BY 1) AS queues
 
 -- name: admin_cancel
 -- Request the cancellation of the live tasks among :ids, as pgotask_cancel()
