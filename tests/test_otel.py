@@ -388,6 +388,35 @@ def test_an_explicit_trace_context_is_kept_and_linked(
     assert link_targets(span) == [ids(origin)]
 
 
+def test_a_replacing_duplicate_keeps_the_first_enqueuers_context(
+    session_factory: sessionmaker[Session], telemetry: Telemetry
+) -> None:
+    scheduler = Scheduler(session_factory)
+    telemetry.instrument(scheduler)
+
+    @scheduler.handler("debounced")
+    def debounced(session: Session, task: Task) -> None:
+        pass
+
+    with telemetry.tracer.start_as_current_span("first") as first:
+        (live,) = add_tasks(
+            session_factory, Task(kind="debounced", dedup_key="k", payload={"n": 1})
+        )
+    with telemetry.tracer.start_as_current_span("second") as second:
+        (duplicate,) = add_tasks(
+            session_factory,
+            Task(kind="debounced", dedup_key="k", on_duplicate="replace", payload={"n": 2}),
+        )
+    replaced, kept = get_task(session_factory, live), get_task(session_factory, duplicate)
+    assert replaced.payload == {"n": 2}
+    assert kept.result == {"duplicate_of": live, "replaced": True}
+    assert replaced.trace_context == traceparent(first.get_span_context())
+    assert kept.trace_context == traceparent(second.get_span_context())
+    scheduler.run_until_idle()
+    (span,) = telemetry.spans()
+    assert link_targets(span) == [ids(first.get_span_context())]
+
+
 @pytest.mark.parametrize(
     "trace_context",
     [{"traceparent": "not a traceparent"}, {"other": "header"}, {}],
