@@ -68,18 +68,17 @@ class Instrumented:
                 f"queue_metrics_interval must not be negative, got {queue_metrics_interval!r}"
             )
         if scheduler in self:
-            raise ConfigurationError(
-                f"{scheduler!r} is already instrumented for {self.integration}"
-            )
+            raise self._twice(scheduler)
 
     def add(self, scheduler: Scheduler) -> None:
         """Record ``scheduler`` as instrumented (once its instruments exist)."""
         with self._lock:
             if scheduler in self._schedulers:
-                raise ConfigurationError(
-                    f"{scheduler!r} is already instrumented for {self.integration}"
-                )
+                raise self._twice(scheduler)
             self._schedulers.add(scheduler)
+
+    def _twice(self, scheduler: Scheduler) -> ConfigurationError:
+        return ConfigurationError(f"{scheduler!r} is already instrumented for {self.integration}")
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,6 @@ THROUGHPUT_WINDOW = dt.timedelta(minutes=5)
 Progress = Callable[[int, int], None]
 
 
-# Like retention.py: the statements are text(), so say which bind they use.
-
-
 # -- statistics ----------------------------------------------------------------
 
 

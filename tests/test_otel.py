@@ -61,6 +61,10 @@ def key(kind: str, queue: str = "default", **more: Any) -> Attributes:
     return attrs(**{ATTR_KIND: kind, ATTR_QUEUE: queue}, **more)
 
 
+def _noop(session: Session, task: Task) -> None:
+    pass
+
+
 class Boom(Exception):
     """A handler's failure, with a qualified name to find in ``error.type``."""
 
@@ -86,6 +90,16 @@ class Telemetry:
             meter_provider=self.meter_provider,
             **options,
         )
+
+    def scheduler(
+        self, session_factory: sessionmaker[Session], *noop_kinds: str, **options: Any
+    ) -> Scheduler:
+        """An instrumented scheduler, with a handler doing nothing for each of ``noop_kinds``."""
+        scheduler = Scheduler(session_factory)
+        self.instrument(scheduler, **options)
+        for kind in noop_kinds:
+            scheduler.handler(kind)(_noop)
+        return scheduler
 
     def spans(self, prefix: str = "run ") -> list[ReadableSpan]:
         """The ended spans whose name starts with ``prefix``, in the order they ended."""
@@ -301,12 +315,7 @@ def test_attempt_spans_link_to_the_span_that_enqueued_the_task(
     telemetry: Telemetry,
     enqueue: Callable[[Session], None],
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler)
-
-    @scheduler.handler("linked")
-    def linked(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "linked")
 
     with (
         telemetry.tracer.start_as_current_span("enqueue") as enqueuing,
@@ -369,12 +378,7 @@ def test_instrument_enqueue_is_idempotent(telemetry: Telemetry) -> None:
 def test_an_explicit_trace_context_is_kept_and_linked(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler)
-
-    @scheduler.handler("linked")
-    def linked(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "linked")
 
     with telemetry.tracer.start_as_current_span("elsewhere") as elsewhere:
         origin = elsewhere.get_span_context()
@@ -391,12 +395,7 @@ def test_an_explicit_trace_context_is_kept_and_linked(
 def test_a_replacing_duplicate_keeps_the_first_enqueuers_context(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler)
-
-    @scheduler.handler("debounced")
-    def debounced(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "debounced")
 
     with telemetry.tracer.start_as_current_span("first") as first:
         (live,) = add_tasks(
@@ -427,12 +426,7 @@ def test_an_unusable_trace_context_gives_no_link(
     telemetry: Telemetry,
     trace_context: dict[str, str],
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler)
-
-    @scheduler.handler("linked")
-    def linked(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "linked")
 
     (task_id,) = add_tasks(session_factory, Task(kind="linked"))
     with session_factory.begin() as session:  # as plain SQL could store it
@@ -495,14 +489,9 @@ def test_a_task_enqueued_by_a_handler_links_to_that_attempt(
 def test_propagate_context_false_records_no_context(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler, propagate_context=False)
+    scheduler = telemetry.scheduler(session_factory, "linked", propagate_context=False)
     assert not event.contains(Task, "before_insert", otel._record_context)
     assert _tracing.current() is None
-
-    @scheduler.handler("linked")
-    def linked(session: Session, task: Task) -> None:
-        pass
 
     with telemetry.tracer.start_as_current_span("enqueue"), session_factory.begin() as session:
         session.add(Task(kind="linked"))
@@ -556,12 +545,7 @@ def test_importing_the_core_imports_no_metrics_library() -> None:
 def test_attempt_counters_and_duration_by_outcome(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler, queue_metrics=False)
-
-    @scheduler.handler("ok")
-    def ok(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "ok", queue_metrics=False)
 
     @scheduler.handler("bad", max_attempts=1)
     def bad(session: Session, task: Task) -> None:
@@ -595,12 +579,7 @@ def test_attempt_counters_and_duration_by_outcome(
 def test_counters_accumulate_over_attempts(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler, queue_metrics=False)
-
-    @scheduler.handler("ok")
-    def ok(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "ok", queue_metrics=False)
 
     @scheduler.handler("flaky", max_attempts=2, retry=0)
     def flaky(session: Session, task: Task) -> None:
@@ -764,12 +743,7 @@ def test_queue_gauges_are_missing_without_a_database(
 def test_queue_metrics_false_registers_no_gauges(
     session_factory: sessionmaker[Session], telemetry: Telemetry
 ) -> None:
-    scheduler = Scheduler(session_factory)
-    telemetry.instrument(scheduler, queue_metrics=False)
-
-    @scheduler.handler("k")
-    def k(session: Session, task: Task) -> None:
-        pass
+    scheduler = telemetry.scheduler(session_factory, "k", queue_metrics=False)
 
     add_tasks(session_factory, Task(kind="k"), Task(kind="k", run_at=_later()))
     scheduler.run_until_idle()

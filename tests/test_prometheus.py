@@ -378,23 +378,12 @@ sys.exit(sqla_pgotask.cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_metrics_port_without_prometheus_client(processes: str, tmp_path: Path) -> None:
-    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=5"
-    env = pgotask_env(unreachable)
-    env["TMPDIR"] = str(tmp_path)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _WITHOUT_PROMETHEUS,
-            "worker",
-            LEDGER_SCHEDULER,
-            "--processes",
-            processes,
-            "--metrics-port",
-            "0",
-        ],
+def _pgotask_without_prometheus(
+    args: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``pgotask *args`` in a process where prometheus_client cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PROMETHEUS, *args],
         cwd=PROJECT_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -402,6 +391,16 @@ def test_metrics_port_without_prometheus_client(processes: str, tmp_path: Path) 
         text=True,
         timeout=60,
         check=False,
+    )
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_metrics_port_without_prometheus_client(processes: str, tmp_path: Path) -> None:
+    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=5"
+    env = pgotask_env(unreachable)
+    env["TMPDIR"] = str(tmp_path)
+    done = _pgotask_without_prometheus(
+        ["worker", LEDGER_SCHEDULER, "--processes", processes, "--metrics-port", "0"], env
     )
     assert done.returncode == 2, done.stderr
     assert "pip install 'sqla-pgotask[prometheus]'" in done.stderr
@@ -411,16 +410,7 @@ def test_metrics_port_without_prometheus_client(processes: str, tmp_path: Path) 
 
 def test_the_script_blocks_prometheus_client_only() -> None:
     """The same script without --metrics-port runs fine: only prometheus_client is missing."""
-    done = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_PROMETHEUS, "worker", "--help"],
-        cwd=PROJECT_ROOT,
-        env=pgotask_env(None),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _pgotask_without_prometheus(["worker", "--help"], pgotask_env(None))
     assert done.returncode == 0, done.stderr
     assert "--metrics-port" in done.stdout
 
