@@ -537,14 +537,26 @@ def _log_outcome(ctx: AttemptContext, outcome: Outcome) -> None:
     elif logger.isEnabledFor(logging.INFO):
         duration = ctx.duration
         logger.info(
-            "task %s (%s) attempt %s: %s in %.3fs",
+            "task %s (%s) attempt %s: %s %s",
             ctx.task_id,
             ctx.kind,
             ctx.attempt,
-            outcome.value,
-            duration or 0.0,
+            _OUTCOME_WORDS[outcome],
+            "before its handler ran" if duration is None else f"after {duration:.3f}s",
             extra={**log_fields(ctx), "outcome": outcome.value, "duration": duration},
         )
+
+
+#: How the outcome log line says what became of an attempt.
+_OUTCOME_WORDS = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.RETRY: "failed, to be retried,",
+    Outcome.FAILED: "failed for good",
+    Outcome.CANCELLED: "cancelled",
+    Outcome.LOST: "lost",
+    Outcome.RELEASED: "given back to run again",
+    Outcome.SNOOZED: "snoozed",
+}
 
 
 def _rollback(session: Session) -> None:

@@ -23,16 +23,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any, Union
 
 import psycopg
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._claim import Claimer, claim_tasks
+from sqla_pgotask._claim import (
+    Claimed,
+    Claimer,
+    claim_cursor,
+    claim_tasks,
+    driver_connection,
+    take_claimed,
+)
 from sqla_pgotask._connections import driver_sql
 from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.models import Task
@@ -240,26 +245,27 @@ def claim_limited(
     limit: int,
     lease_seconds: float,
     own_transaction: bool = True,
-) -> tuple[list[Task], float | None]:
+) -> Claimed:
     """Claim up to ``limit`` limited tasks on ``conn``; return them and when to try again.
 
     ``conn`` is in autocommit mode (``own_transaction``): the claim is its
     own READ COMMITTED transaction, its statements sent together in one
     round trip (pipeline mode, where libpq supports it).  Otherwise the
     statements join the transaction ``conn`` is in, and its end releases
-    the locks.  The second value is the seconds until a full rate window
-    frees a start, or ``None``.
+    the locks.  The result's ``retry_in`` is the seconds until a full rate
+    window frees a start, or ``None``.
     """
     keys = {"keys": plan.keys}
     params = plan.claim_params(worker_id, limit, lease_seconds)
     batch: AbstractContextManager[object] = conn.pipeline() if _PIPELINE else nullcontext()
+    cursor = claim_cursor(conn)
     try:
         with batch:
             if own_transaction:
                 conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             conn.execute(driver_sql("limits_ensure"), keys)
             conn.execute(driver_sql("limits_lock"), keys)
-            cursor = conn.execute(driver_sql("limits_claim"), params)
+            cursor.execute(driver_sql("limits_claim"), params)
             if own_transaction:
                 conn.execute("COMMIT")
         rows = cursor.fetchall()
@@ -270,77 +276,7 @@ def claim_limited(
             except Exception:
                 logger.debug("rolling back a failed limited claim failed", exc_info=True)
         raise
-    description = cursor.description
-    assert description is not None
-    try:
-        return _loaded(description, rows, dialect)
-    except BaseException:
-        _give_back(conn, description, rows)
-        raise
-
-
-def _give_back(
-    conn: psycopg.Connection[Any],
-    description: Sequence[psycopg.Column],
-    rows: Sequence[tuple[Any, ...]],
-) -> None:
-    """Claimed rows that could not be handed to the worker: back to pending, attempt refunded."""
-    names = [column.name for column in description]
-    id_at, attempts_at = names.index("id"), names.index("attempts")
-    claimed = [(row[id_at], row[attempts_at]) for row in rows if row[id_at] is not None]
-    if not claimed:
-        return
-    try:
-        conn.execute(
-            driver_sql("release"),
-            {"ids": [i for i, _ in claimed], "attempts": [a for _, a in claimed]},
-        )
-    except Exception:
-        logger.exception("could not give back claimed tasks %s", [i for i, _ in claimed])
-
-
-_RETRY_COLUMN = "pgotask_retry_in"
-
-
-def _loaded(
-    description: Sequence[psycopg.Column], rows: Sequence[tuple[Any, ...]], dialect: Dialect
-) -> tuple[list[Task], float | None]:
-    """The claimed rows as detached, loaded ``Task`` objects, and the claim's ``retry_in``."""
-    configure_mappers()  # a new process's first claim may come before any other ORM use
-    names = [column.name for column in description]
-    retry_at = names.index(_RETRY_COLUMN)
-    setters = _setters(tuple((c.name, c.type_code) for c in description), dialect)
-    id_at = names.index("id")
-    manager = inspect(Task).class_manager
-    tasks = []
-    for row in rows:
-        if row[id_at] is None:  # nothing claimed: a row carrying retry_in only
-            continue
-        task = manager.new_instance()
-        for index, key, process in setters:
-            value = row[index]
-            set_committed_value(task, key, value if process is None else process(value))
-        make_transient_to_detached(task)
-        tasks.append(task)
-    retry = rows[0][retry_at] if rows else None
-    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
-    return tasks, None if retry is None else float(retry)
-
-
-@cache
-def _setters(columns: tuple[tuple[str, int], ...], dialect: Dialect) -> list[tuple[int, str, Any]]:
-    """For each returned column mapped by ``Task``: its index, attribute and result processor."""
-    mapper = inspect(Task)
-    table = Task.__table__
-    setters = []
-    for index, (name, type_code) in enumerate(columns):
-        column = table.c.get(name)
-        if column is None:
-            continue
-        key = mapper.get_property_by_column(column).key
-        process = column.type.dialect_impl(dialect).result_processor(dialect, type_code)
-        setters.append((index, key, process))
-    return setters
+    return take_claimed(conn, cursor, rows, dialect, worker_id)
 
 
 def claim_tasks_within_limits(
@@ -350,7 +286,7 @@ def claim_tasks_within_limits(
     worker_id: str,
     limit: int,
     lease_seconds: float,
-) -> list[Task]:
+) -> Claimed:
     """As :func:`~sqla_pgotask._claim.claim_tasks`, for a scheduler with limits.
 
     The limited tasks are claimed first; the rest of ``limit`` goes to the
@@ -358,14 +294,14 @@ def claim_tasks_within_limits(
     limit: a task held back by one is left for a later call.
     """
     if limit <= 0:
-        return []
+        return Claimed()
     with session_factory() as session:
         bind = session.get_bind(mapper=Task.__mapper__)
         standalone = not isinstance(bind, Connection)
         options = {"isolation_level": "AUTOCOMMIT"} if standalone else {}
         connection = session.connection(execution_options=options)
-        tasks, _ = claim_limited(
-            _driver(connection),
+        tasks = claim_limited(
+            driver_connection(connection),
             connection.dialect,
             plan,
             worker_id=worker_id,
@@ -376,26 +312,19 @@ def claim_tasks_within_limits(
 
         rest = limit - len(tasks)
         if rest > 0 and plan.fast:
-            tasks += claim_tasks(
-                session_factory,
-                worker_id=worker_id,
-                kinds=plan.fast_kinds,
-                queues=plan.fast_queues,
-                limit=rest,
-                lease_seconds=lease_seconds,
-                excluded_queues=plan.excluded_queues,
+            tasks = tasks.extend_claim(
+                claim_tasks(
+                    session_factory,
+                    worker_id=worker_id,
+                    kinds=plan.fast_kinds,
+                    queues=plan.fast_queues,
+                    limit=rest,
+                    lease_seconds=lease_seconds,
+                    excluded_queues=plan.excluded_queues,
+                )
             )
         session.commit()
     return tasks
-
-
-def _driver(connection: Connection) -> psycopg.Connection[Any]:
-    """The psycopg connection under a SQLAlchemy one (also when detached from its pool)."""
-    fairy = connection.connection
-    driver = fairy.driver_connection or fairy.dbapi_connection
-    if not isinstance(driver, psycopg.Connection):
-        raise ConfigurationError("fleet-wide limits need the psycopg 3 driver")
-    return driver
 
 
 # -- a worker's limited claims --------------------------------------------------
@@ -484,10 +413,11 @@ class LimitedClaims:
                 return True
             return False
 
-    def _claimed(self, tasks: list[Task], wanted: int, retry_in: float | None) -> None:
+    def _claimed(self, tasks: Claimed, wanted: int) -> None:
+        retry_in = tasks.retry_in
         with self._lock:
             self._mine.update(task.id for task in tasks)
-            if len(tasks) >= wanted:
+            if len(tasks) + tasks.refused >= wanted:
                 self._open_at = 0.0  # held back by the worker's capacity only
                 return
             wait = self.poll_interval
@@ -505,18 +435,18 @@ class LimitedClaims:
         worker_id: str,
         limit: int,
         lease_seconds: float,
-    ) -> list[Task]:
+    ) -> Claimed:
         """Claim up to ``limit`` tasks: limited ones first (when due), then the others."""
         if limit <= 0:
-            return []
+            return Claimed()
         plan = self.plan
-        tasks: list[Task] = []
+        tasks = Claimed()
         if self._due():
             session = self._connection()
             try:
                 bind = session.connection()
-                tasks, retry_in = claim_limited(
-                    _driver(bind),
+                tasks = claim_limited(
+                    driver_connection(bind),
                     bind.dialect,
                     plan,
                     worker_id=worker_id,
@@ -528,18 +458,20 @@ class LimitedClaims:
                 self.close()
                 raise
             self.limited_claims += 1
-            self._claimed(tasks, limit, retry_in)
+            self._claimed(tasks, limit)
 
-        rest = limit - len(tasks)
+        rest = limit - len(tasks) - tasks.refused
         if rest <= 0 or not plan.fast:
             return tasks
-        return tasks + claimer.claim(
-            worker_id=worker_id,
-            kinds=plan.fast_kinds,
-            queues=plan.fast_queues,
-            limit=rest,
-            lease_seconds=lease_seconds,
-            excluded_queues=plan.excluded_queues,
+        return tasks.extend_claim(
+            claimer.claim(
+                worker_id=worker_id,
+                kinds=plan.fast_kinds,
+                queues=plan.fast_queues,
+                limit=rest,
+                lease_seconds=lease_seconds,
+                excluded_queues=plan.excluded_queues,
+            )
         )
 
     def next_due(self, kinds: Mapping[str, int], queues: Sequence[str] | None) -> float | None:

@@ -1,4 +1,15 @@
-"""Wake-ups: a LISTEN connection that turns notifications into events for the worker."""
+"""Wake-ups: a LISTEN connection that turns notifications into events for the worker.
+
+Anyone who can connect to the database can ``NOTIFY`` any channel: no
+privilege guards it.  So a notification is a hint, never an order:
+
+* ``pgotask`` (a task arrived in a queue) only wakes the claim loop early; a
+  spoofed one costs one claim that finds nothing;
+* ``pgotask_cancel`` (cancellation of a running task was requested) is
+  checked against the task's row: the listener cancels an attempt only if
+  the row says ``cancel_requested_at`` is set, which takes the right to
+  update ``pgotask_task``.  A spoofed one costs one primary-key lookup.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ from collections.abc import Callable, Collection
 
 from sqlalchemy import Engine
 
-from sqla_pgotask._connections import Connection, dedicated_connection
+from sqla_pgotask._connections import Connection, dedicated_connection, driver_sql
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
@@ -21,8 +32,9 @@ CANCEL_CHANNEL = "pgotask_cancel"
 class Listener:
     """Runs ``LISTEN`` in a thread.
 
-    ``wake`` is set when a task arrives in a served queue; ``on_cancel(id)`` is
-    called when cancellation of a running task is requested.  The worker polls
+    ``wake`` is set when a task arrives in a served queue; ``on_cancel(id,
+    attempt)`` is called when cancellation of a running task was requested
+    (as its row confirms: see the module's docstring).  The worker polls
     and heart-beats anyway, so a lost connection only delays these: the thread
     reconnects with backoff and sets ``wake`` once it is back, since a
     notification may have been missed meanwhile.
@@ -33,7 +45,7 @@ class Listener:
         engine: Engine,
         wake: threading.Event,
         queues: Collection[str] | None,
-        on_cancel: Callable[[int], None] | None = None,
+        on_cancel: Callable[[int, int], None] | None = None,
         *,
         check_interval: float = 0.5,
     ) -> None:
@@ -84,12 +96,32 @@ class Listener:
     def _listen(self, conn: Connection) -> None:
         queues = self._queues
         while not self._stopping.is_set():
+            cancel: list[int] = []
             for notify in conn.notifies(timeout=self._check_interval):
                 if notify.channel == CHANNEL:
                     if queues is None or notify.payload in queues:
                         self._wake.set()
                 elif self._on_cancel is not None:
                     try:
-                        self._on_cancel(int(notify.payload))
+                        cancel.append(int(notify.payload))
                     except ValueError:
                         logger.warning("ignored %s payload %r", CANCEL_CHANNEL, notify.payload)
+                        continue
+                    break  # confirm it now, not after the next notification or timeout
+            if cancel and self._on_cancel is not None:
+                self._confirm_cancel(conn, cancel, self._on_cancel)
+
+    def _confirm_cancel(
+        self, conn: Connection, task_ids: list[int], on_cancel: Callable[[int, int], None]
+    ) -> None:
+        rows = conn.execute(driver_sql("cancel_requested"), {"ids": task_ids}).fetchall()
+        confirmed = {task_id for task_id, _ in rows}
+        for task_id, attempt in rows:
+            on_cancel(task_id, attempt)
+        for task_id in task_ids:
+            if task_id not in confirmed:
+                logger.info(
+                    "ignored %s notification for task %s: its row requests no cancellation",
+                    CANCEL_CHANNEL,
+                    task_id,
+                )

@@ -104,12 +104,17 @@ class Timing:
 
 
 def heartbeat(
-    conn: Connection, identity: Identity, timing: Timing, attempts: Sequence[AttemptContext]
+    conn: Connection,
+    identity: Identity,
+    timing: Timing,
+    attempts: Sequence[AttemptContext],
+    stuck_slots: int = 0,
 ) -> None:
     """Extend the leases of ``attempts`` this worker still owns; flag lost and cancelled ones.
 
     Attempts past their timeout are not extended: their lease runs out and
     another worker rescues the task while this one's handler overruns.
+    ``stuck_slots`` (handler threads stuck past a timeout) goes to the registry.
     """
     live = [a for a in attempts if not a.timed_out]
     params = identity.params()
@@ -117,6 +122,7 @@ def heartbeat(
         ids=[a.task_id for a in live],
         attempts=[a.attempt for a in live],
         lease_seconds=timing.lease,
+        stuck_slots=stuck_slots,
     )
     rows = conn.execute(driver_sql("heartbeat"), params).fetchall()
     owned = {task_id: cancel for task_id, cancel in rows}
@@ -183,6 +189,8 @@ class Maintenance:
         self.timing = timing
         self._attempts = attempts
         self._on_rescue = on_rescue
+        #: Handler threads the worker counts as stuck, reported with each heartbeat.
+        self.stuck_slots = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgotask-maintenance", daemon=True)
 
@@ -221,7 +229,9 @@ class Maintenance:
                 with dedicated_connection(self._engine) as conn:
                     backoff = 0.1
                     while not self._stopping.is_set():
-                        heartbeat(conn, self.identity, self.timing, self._attempts())
+                        heartbeat(
+                            conn, self.identity, self.timing, self._attempts(), self.stuck_slots
+                        )
                         if time.monotonic() >= next_maintenance:
                             if maintain(conn, self.identity, self.timing) and self._on_rescue:
                                 self._on_rescue()

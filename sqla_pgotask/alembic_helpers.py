@@ -29,7 +29,7 @@ VERSION_LOCATION = "sqla_pgotask:migrations/versions"
 BRANCH_LABEL = "sqla_pgotask"
 
 #: The newest revision of the library's branch; workers require the database to be here.
-HEAD_REVISION = "sqla_pgotask_0004"
+HEAD_REVISION = "sqla_pgotask_0005"
 
 #: Every revision of the branch, oldest first.
 REVISIONS: tuple[str, ...] = (
@@ -37,6 +37,7 @@ REVISIONS: tuple[str, ...] = (
     "sqla_pgotask_0002",
     "sqla_pgotask_0003",
     "sqla_pgotask_0004",
+    "sqla_pgotask_0005",
 )
 
 #: The version table of the library's standalone environment (``pgotask migrate``),

@@ -26,9 +26,9 @@ from typing import Any, Final, Literal, TypedDict, overload
 from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
-from sqla_pgotask import _tracing
+from sqla_pgotask import _tracing, _validation
 from sqla_pgotask._queries import query
-from sqla_pgotask.errors import InvalidPayloadError
+from sqla_pgotask.errors import InvalidPayloadError, InvalidTaskError
 from sqla_pgotask.models import TASK_BIND, Task, check_on_duplicate, dump_payload, encode_json
 
 __all__ = ["TaskFields", "add_many"]
@@ -214,6 +214,15 @@ def _kind_params(
             f"add_many(session, kind, payloads): payloads must be an iterable of payloads, "
             f"one per task, not a {type(payloads).__name__}"
         )
+    _validation.check_name("kind", kind)
+    for column, value in (
+        ("queue", queue),
+        ("priority", priority),
+        ("run_at", run_at),
+        ("max_attempts", max_attempts),
+    ):
+        if value is not None:
+            _CHECKS[column](value)
     payload_list = list(payloads)
     params = dict(_NO_PARAMS)
     params.update(
@@ -251,9 +260,22 @@ def _rows_params(tasks: Iterable[Task | Mapping[str, Any]]) -> tuple[int, dict[s
         params["kind"] = kinds[0]
     else:
         params["kinds"] = kinds
+    for index, kind in enumerate(kinds if len(distinct_kinds) > 1 else kinds[:1]):
+        try:
+            _validation.check_name("kind", kind)
+        except InvalidTaskError as exc:
+            raise InvalidTaskError(f"add_many(): task {index}: {exc}") from None
     for column, array in _PER_TASK:
         if column in keys:
-            params[array] = [row.get(column) for row in rows]
+            values = params[array] = [row.get(column) for row in rows]
+            check = _CHECKS.get(column)
+            if check is not None:
+                for index, value in enumerate(values):
+                    if value is not None:
+                        try:
+                            check(value)
+                        except InvalidTaskError as exc:
+                            raise InvalidTaskError(f"add_many(): task {index}: {exc}") from None
     if "on_duplicate" in keys:
         for index, row in enumerate(rows):
             value = row.get("on_duplicate")
@@ -296,18 +318,34 @@ def _raise_unknown_field(rows: list[Mapping[str, Any]], unknown: set[str]) -> No
             )
 
 
+#: The checks of the columns add_many() may set besides kind and payload.
+_CHECKS: Final[dict[str, Callable[[Any], object]]] = {
+    "queue": lambda value: _validation.check_name("queue", value),
+    "priority": lambda value: _validation.check_int("priority", value),
+    "run_at": _validation.check_run_at,
+    "max_attempts": lambda value: _validation.check_int("max_attempts", value, minimum=1),
+    "dedup_key": _validation.check_dedup_key,
+}
+
+
 def _dump_payloads(payloads: list[Any], kind_at: Callable[[int], object]) -> str:
     """All payloads as one JSON array, or ``InvalidPayloadError`` naming the culprit."""
     try:
-        return encode_json(payloads)
+        json_text = encode_json(payloads)
     except (TypeError, ValueError, RecursionError):
-        pass
+        json_text = None
+    # An escape (``\\u``) may be one jsonb refuses (NUL, a lone surrogate):
+    # then, as when encoding failed, look at each payload to name the culprit.
+    if json_text is not None and "\\u" not in json_text:
+        return json_text
     for index, payload in enumerate(payloads):
         try:
             dump_payload(str(kind_at(index)), payload)
         except InvalidPayloadError as exc:
             raise InvalidPayloadError(f"add_many(): task {index}: {exc}") from exc.__cause__
-    raise InvalidPayloadError("add_many(): the payloads are not JSON-serialisable")
+    if json_text is None:
+        raise InvalidPayloadError("add_many(): the payloads are not JSON-serialisable")
+    return json_text
 
 
 @cache

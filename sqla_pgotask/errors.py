@@ -7,7 +7,11 @@ class PgotaskError(Exception):
     """Base class of every error raised by sqla_pgotask itself."""
 
 
-class InvalidPayloadError(PgotaskError, ValueError):
+class InvalidTaskError(PgotaskError, ValueError):
+    """A task field holds a value the table cannot store or a worker could not run."""
+
+
+class InvalidPayloadError(InvalidTaskError):
     """A task's payload cannot be stored as JSON."""
 
 
@@ -23,12 +27,31 @@ class SchemaError(PgotaskError):
     """The database schema is missing or not at the revision this version expects."""
 
 
+class WorkerStuckError(PgotaskError):
+    """Every handler thread of a worker is held by a handler far past its ``timeout``.
+
+    Python cannot interrupt a thread, so such a worker can run nothing more:
+    it gives back the tasks it had claimed, unregisters, and
+    ``Scheduler.run()`` raises this (``pgotask worker`` exits with code 1, and
+    the supervisor or service manager starts a fresh process).
+    """
+
+
 class HandlerTransactionError(PgotaskError):
     """A handler tried to end the transaction the worker commits for it."""
 
 
 class NonRetryableError(Exception):
     """Raise (or subclass) this in a handler to fail the task without further attempts."""
+
+
+class UnrunnableTaskError(NonRetryableError):
+    """A claimed task that no handler can be given: it fails at once, without running.
+
+    Its row cannot be read (a payload nested too deeply to decode, say,
+    written by plain SQL), or it has no attempt left.  Only that task fails:
+    the others claimed with it run as usual.
+    """
 
 
 class Snooze(Exception):  # noqa: N818 (a request, not an error)

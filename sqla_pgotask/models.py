@@ -49,6 +49,7 @@ from sqlalchemy.orm import (
     validates,
 )
 
+from sqla_pgotask import _validation
 from sqla_pgotask.errors import InvalidPayloadError
 
 TASK_TABLE = "pgotask_task"
@@ -106,6 +107,39 @@ _TZ = DateTime(timezone=True)
 _NULLABLE_INT = Integer().evaluates_none()
 _NULLABLE_TEXT = Text().evaluates_none()
 _NULLABLE_TZ = DateTime(timezone=True).evaluates_none()
+
+
+def _in_range(column: str) -> str:
+    return (
+        f"({column} >= '{_validation.EARLIEST_RUN_AT.isoformat(sep=' ')}' "
+        f"AND {column} < '{_validation.LATEST_RUN_AT.isoformat(sep=' ')}')"
+    )
+
+
+_OPTIONAL_TIMESTAMPS = (
+    "started_at",
+    "finished_at",
+    "cancel_requested_at",
+    "lease_expires_at",
+    "slot",
+)
+
+#: The table's CHECK constraints of migration sqla_pgotask_0005, by name.
+_TASK_CHECKS = {
+    "kind_valid": f"kind <> '' AND length(kind) <= {_validation.MAX_NAME_LENGTH}",
+    "queue_valid": f"queue <> '' AND length(queue) <= {_validation.MAX_NAME_LENGTH}",
+    "run_at_in_range": _in_range("run_at"),
+    "timestamps_in_range": " AND ".join(
+        [_in_range("created_at")]
+        + [f"({c} IS NULL OR {_in_range(c)})" for c in _OPTIONAL_TIMESTAMPS]
+    ),
+    "running_has_lease": (
+        "status <> 'running' OR (locked_by IS NOT NULL AND lease_expires_at IS NOT NULL)"
+    ),
+    "pending_has_an_attempt_left": (
+        "status <> 'pending' OR max_attempts IS NULL OR attempts < max_attempts"
+    ),
+}
 
 
 class Task(Base):
@@ -178,6 +212,10 @@ class Task(Base):
         CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="max_attempts_positive"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
         CheckConstraint("on_duplicate IN ('ignore', 'replace')", name="on_duplicate"),
+        # Rows every worker can read and run, whoever wrote them (migration
+        # sqla_pgotask_0005 has the reasons; the same rules are checked in
+        # Python, with clearer messages, when a Task is made).
+        *(CheckConstraint(condition, name=name) for name, condition in _TASK_CHECKS.items()),
         # The claim query walks this index in claim order over pending rows
         # only, so finished rows never slow it down.
         Index(
@@ -215,6 +253,38 @@ class Task(Base):
     @validates("on_duplicate")
     def _check_on_duplicate(self, key: str, value: str | None) -> str | None:
         check_on_duplicate(value)
+        return value
+
+    # Checked when set, so a bad Task raises where it is made and the
+    # application's transaction goes on (a failed flush would roll it back).
+    @validates("kind", "queue")
+    def _check_name(self, key: str, value: str) -> str:
+        return _validation.check_name(key, value)
+
+    @validates("priority")
+    def _check_priority(self, key: str, value: int) -> int:
+        return _validation.check_int(key, value)  # type: ignore[no-any-return]
+
+    @validates("max_attempts")
+    def _check_max_attempts(self, key: str, value: int | None) -> int | None:
+        if value is None:
+            return None
+        return _validation.check_int(key, value, minimum=1)  # type: ignore[no-any-return]
+
+    @validates("run_at")
+    def _check_run_at(self, key: str, value: dt.datetime) -> dt.datetime:
+        return _validation.check_run_at(value)  # type: ignore[no-any-return]
+
+    @validates("dedup_key")
+    def _check_dedup_key(self, key: str, value: str | None) -> str | None:
+        return _validation.check_dedup_key(value)  # type: ignore[no-any-return]
+
+    @validates("payload")
+    def _check_payload_value(self, key: str, value: Any) -> Any:
+        # ``None`` means the default, as for add_many(): an empty object.
+        if value is None:
+            return {}
+        dump_payload(self.kind if "kind" in self.__dict__ else None, value)
         return value
 
     @property
@@ -283,6 +353,11 @@ class RegisteredWorker(Base):
     concurrency: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(_TZ, server_default=func.now())
+    #: Handler threads held by a handler still running well past its
+    #: ``timeout`` (Python cannot interrupt it): the worker claims nothing for them.
+    stuck_slots: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    #: Since when every handler thread is stuck (``None`` while one is free).
+    all_stuck_since: Mapped[dt.datetime | None] = mapped_column(_TZ)
 
     def __repr__(self) -> str:
         return f"<RegisteredWorker {self.id} kinds={self.kinds} queues={self.queues}>"
@@ -349,15 +424,18 @@ def check_on_duplicate(value: object) -> None:
 encode_json = json.JSONEncoder(allow_nan=False).encode
 
 
-def dump_payload(kind: str, payload: Any) -> str:
+def dump_payload(kind: str | None, payload: Any) -> str:
     """``payload`` as JSON text, or :class:`InvalidPayloadError` naming the task's kind."""
     try:
-        return encode_json(payload)
+        json_text = encode_json(payload)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _not_json(kind, exc) from exc
+    return _validation.check_json_text(kind, json_text)
 
 
-def _not_json(kind: str, exc: Exception) -> InvalidPayloadError:
+def _not_json(kind: str | None, exc: Exception) -> InvalidPayloadError:
+    if isinstance(exc, RecursionError):
+        return InvalidPayloadError(f"Task(kind={kind!r}): payload is nested too deeply: {exc}")
     return InvalidPayloadError(f"Task(kind={kind!r}): payload is not JSON-serialisable: {exc}")
 
 
@@ -365,10 +443,7 @@ def _check_payload(mapper: Mapper[Any], connection: Connection, target: Task) ->
     """Refuse, at flush, a payload that cannot be stored as JSON."""
     payload = target.payload
     if payload is not None:
-        try:
-            encode_json(payload)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise _not_json(target.kind, exc) from exc
+        dump_payload(target.kind, payload)
 
 
 def _check_changed_payload(mapper: Mapper[Any], connection: Connection, target: Task) -> None:

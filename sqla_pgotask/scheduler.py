@@ -596,6 +596,8 @@ class Scheduler:
                     lease_seconds=self.settings.timing.lease,
                 )
             if not tasks:
+                if tasks.refused:  # the claim took only tasks that cannot run (now failed)
+                    continue
                 break
             rest = [(task, new_context(task, self._handlers[task.kind])) for task in tasks]
             while rest:

@@ -289,7 +289,7 @@ class _Drain:
                 lease_seconds=self.lease,
             )
             if not tasks:
-                if self.include_future and self._advance():
+                if tasks.refused or (self.include_future and self._advance()):
                     continue
                 break
             task = tasks[0]

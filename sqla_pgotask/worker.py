@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._claim import Claimer, release_tasks
 from sqla_pgotask._execute import (
+    IDLE_TIMEOUT_MARGIN,
     BatchLimits,
     BatchLostError,
     BatchRunner,
@@ -43,6 +44,7 @@ from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask._periodic_thread import PeriodicThread
 from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, Outcome
+from sqla_pgotask.errors import WorkerStuckError
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.middleware import NO_HOOKS, Hooks
 from sqla_pgotask.models import Task
@@ -53,6 +55,12 @@ logger = logging.getLogger("sqla_pgotask.worker")
 
 # Seconds after a delayed task's run_at that an idle worker claims again.
 _DUE_MARGIN = 0.005
+
+#: Seconds past its handler's ``timeout`` after which a running attempt's
+#: thread counts as stuck: the server has cut off its SQL (and its idle
+#: transaction, ``IDLE_TIMEOUT_MARGIN`` later), so whatever still holds the
+#: thread is Python code that never calls ``current_attempt().check()``.
+STUCK_MARGIN = IDLE_TIMEOUT_MARGIN
 
 
 def new_worker_id() -> str:
@@ -90,6 +98,11 @@ class WorkerStats:
     released: int = 0
     #: Attempts whose handler raised :class:`~sqla_pgotask.Snooze`.
     snoozed: int = 0
+    #: Claimed tasks failed at once without running: their row could not be
+    #: read, or they had no attempt left (also counted in ``failed``).
+    refused: int = 0
+    #: Handler threads stuck in a handler far past its timeout, at the end.
+    stuck_slots: int = 0
 
     def count(self, outcome: Outcome) -> None:
         """Add one ``outcome``."""
@@ -168,6 +181,8 @@ class Worker:
         self._running: dict[int, AttemptContext] = {}
         self._work: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        #: Set when every handler thread got stuck: run() raises WorkerStuckError.
+        self._stuck = False
         self.identity = Identity(
             id=worker_id,
             host=socket.gethostname(),
@@ -213,16 +228,22 @@ class Worker:
         )
         with self.session_factory.begin() as session:
             session.execute(query("register_worker"), self.identity.params())
-        self.listener.start()
-        self.maintenance.start()
-        if self.periodic is not None:
-            self.periodic.start()
-        for n in range(self.settings.concurrency):
-            thread = threading.Thread(
-                target=self._handler_loop, name=f"pgotask-handler-{n}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        try:
+            self.listener.start()
+            self.maintenance.start()
+            if self.periodic is not None:
+                self.periodic.start()
+            for n in range(self.settings.concurrency):
+                thread = threading.Thread(
+                    target=self._handler_loop, name=f"pgotask-handler-{n}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            # Say, the system refused another thread: leave no registry row
+            # (nor threads) behind a worker that never ran.
+            self._shutdown()
+            raise
         try:
             self._claim_loop()
         finally:
@@ -231,26 +252,32 @@ class Worker:
                 self._limited.close()
             self._shutdown()
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
+        if self._stuck:
+            raise WorkerStuckError(
+                f"worker {self.worker_id}: every handler thread ({self.settings.concurrency}) "
+                "is stuck in a handler far past its timeout"
+            )
 
     def _attempts(self) -> list[AttemptContext]:
         with self._lock:
             return list(self._in_flight.values())
 
-    def _cancel_requested(self, task_id: int) -> None:
+    def _cancel_requested(self, task_id: int, attempt: int) -> None:
         with self._lock:
             ctx = self._in_flight.get(task_id)
-        if ctx is not None:
+        if ctx is not None and ctx.attempt == attempt:
             ctx.request_cancel()
 
-    def capacity(self) -> int:
+    def capacity(self, usable: int | None = None) -> int:
         """How many claimed tasks to hold: what the worker finishes in two batch windows.
 
-        At least one per handler thread, at most ``batch_size`` per thread.
-        Judged by throughput rather than by each task's time, which includes
-        waiting for the GIL behind the other threads.
+        At least one per usable handler thread (``usable``, all of them by
+        default), at most ``batch_size`` per thread.  Judged by throughput
+        rather than by each task's time, which includes waiting for the GIL
+        behind the other threads.
         """
         limits = self.settings.batch
-        concurrency = self.settings.concurrency
+        concurrency = self.settings.concurrency if usable is None else usable
         rate = self._throughput.rate()
         wanted = int(rate * 2 * limits.window)
         return max(concurrency, min(concurrency * limits.size, wanted))
@@ -258,17 +285,32 @@ class Worker:
     def _claim_loop(self) -> None:
         settings = self.settings
         failures = 0
+        # A claim that failed in flight may have committed unseen: its rows
+        # are given back before the next claim (see Claimer.release_orphans).
+        orphans_possible = False
         while not self._stopping.is_set():
             self._wake.clear()
-            capacity = self.capacity()
+            stuck, next_stuck = self._stuck_slots()
+            usable = settings.concurrency - stuck
+            if usable <= 0:
+                self._all_stuck()
+                return
+            capacity = self.capacity(usable) if stuck else self.capacity()
             with self._lock:
-                free = capacity - len(self._in_flight)
+                # Tasks held by stuck threads take no capacity: they are not
+                # ours any more (their lease ran out) and will not return soon.
+                free = capacity - len(self._in_flight) + stuck
             # Jitter, so idle workers woken by the same notification do not
             # go on polling in step.
             wait = settings.poll_interval * random.uniform(0.9, 1.1)
+            if next_stuck is not None:  # look again when a handler overruns
+                wait = min(wait, next_stuck)
             # Below a quarter of the capacity free, wait for more room.
             if free > 0 and free * 4 >= capacity:
                 try:
+                    if orphans_possible:
+                        self._release_orphans()
+                        orphans_possible = False
                     if self._limited is not None:  # limited tasks first, then the rest
                         tasks = self._limited.claim(
                             self._claimer,
@@ -288,22 +330,94 @@ class Worker:
                 except Exception as exc:
                     # The first retry is quick: after a restart or a killed
                     # connection the pool has already dropped its dead ones.
+                    orphans_possible = True
                     failures += 1
                     delay = min(0.05 * 2 ** (failures - 1), settings.poll_interval, 5.0)
                     logger.warning("claim failed (%s); retrying in %.2fs", exc, delay)
                     self._stopping.wait(delay)
                     continue
+                if tasks.refused:
+                    with self._lock:
+                        self.stats.refused += tasks.refused
+                        self.stats.failed += tasks.refused
                 for task in tasks:
                     ctx = new_context(task, self.handlers[task.kind])
                     with self._lock:
                         self._in_flight[task.id] = ctx
                     self._work.put((task, ctx))
-                if not tasks:  # nothing is due: when will something be?
+                if not tasks and not tasks.refused:  # nothing is due: when will something be?
                     wait = min(wait, self._until_next_due())
                 hint = None if self._limited is None else self._limited.wait_hint()
                 if hint is not None:  # a full rate window frees a start then
                     wait = min(wait, hint)
+                elif tasks.refused and not tasks:
+                    wait = 0.0  # the claim took only unrunnable tasks: claim again now
             self._wake.wait(wait)
+
+    def _release_orphans(self) -> None:
+        with self._lock:
+            known = list(self._in_flight)
+        released = self._claimer.release_orphans(self.worker_id, known)
+        if released:
+            logger.warning(
+                "gave back %d tasks claimed by a claim whose reply was lost: %s",
+                len(released),
+                released,
+            )
+
+    def _stuck_slots(self) -> tuple[int, float | None]:
+        """How many handler threads are stuck, and seconds until another one may be."""
+        now = time.monotonic()
+        stuck = 0
+        soonest: float | None = None
+        with self._lock:
+            running = list(self._running.values())
+        for ctx in running:
+            deadline = ctx.deadline
+            if deadline is None or ctx.ended is not None:
+                continue
+            left = deadline + STUCK_MARGIN - now
+            if left <= 0:
+                stuck += 1
+            elif soonest is None or left < soonest:
+                soonest = left
+        if stuck != self.stats.stuck_slots:
+            self._report_stuck(stuck, running, now)
+        return stuck, soonest
+
+    def _report_stuck(self, stuck: int, running: list[AttemptContext], now: float) -> None:
+        before, self.stats.stuck_slots = self.stats.stuck_slots, stuck
+        self.maintenance.stuck_slots = stuck
+        if stuck > before:
+            overdue = [
+                f"task {ctx.task_id} ({ctx.kind}) {now - (ctx.started or now):.0f}s into a "
+                f"{ctx.timeout:g}s timeout"
+                for ctx in running
+                if ctx.deadline is not None and ctx.deadline + STUCK_MARGIN <= now
+            ]
+            logger.error(
+                "%d of %d handler threads are stuck in handlers far past their timeout (%s); "
+                "claiming for the other %d only",
+                stuck,
+                self.settings.concurrency,
+                "; ".join(overdue),
+                self.settings.concurrency - stuck,
+            )
+        elif stuck < before:
+            logger.warning(
+                "%d of %d handler threads stuck now (a stuck handler returned)",
+                stuck,
+                self.settings.concurrency,
+            )
+
+    def _all_stuck(self) -> None:
+        logger.error(
+            "every handler thread (%d) is stuck in a handler far past its timeout: the worker "
+            "stops, giving back what it had claimed, so a fresh process can take over",
+            self.settings.concurrency,
+        )
+        self._stuck = True
+        self._stopping.set()
 
     def _until_next_due(self) -> float:
         try:
@@ -454,7 +568,9 @@ class Worker:
         # 2. Running handlers get the grace period.
         for _ in self._threads:
             self._work.put(None)
-        deadline = time.monotonic() + self.settings.shutdown_grace
+        # (Every thread stuck: none will finish, so none is waited for.)
+        grace = 0.0 if self._stuck else self.settings.shutdown_grace
+        deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         # 3. Still running: give the tasks back now rather than at lease expiry;

@@ -64,7 +64,11 @@ def test_a_duplicate_of_a_running_task_is_a_no_op(session: Session) -> None:
     session.add(first)
     session.flush()
     session.execute(
-        text("UPDATE pgotask_task SET status = 'running' WHERE id = :id"), {"id": first.id}
+        text(
+            "UPDATE pgotask_task SET status = 'running', locked_by = 'w', "
+            "lease_expires_at = now() WHERE id = :id"
+        ),
+        {"id": first.id},
     )
     duplicate = Task(kind="k", dedup_key="d", on_duplicate="replace", payload={"new": True})
     session.add(duplicate)

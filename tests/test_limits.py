@@ -27,7 +27,7 @@ from sqla_pgotask import (
     Task,
     TaskStatus,
 )
-from sqla_pgotask import _limits as limits_module
+from sqla_pgotask import _claim as claim_module
 from sqla_pgotask._limits import (
     MAX_RATE_COUNT,
     claim_limited,
@@ -404,7 +404,7 @@ def test_a_limited_claim_is_one_round_trip(engine: Engine, tmp_path: Path) -> No
         with trace.open("w") as out:
             conn.pgconn.trace(out.fileno())
             conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            tasks, _ = claim_limited(
+            tasks = claim_limited(
                 conn, engine.dialect, plan, worker_id="w", limit=5, lease_seconds=30
             )
             conn.pgconn.untrace()
@@ -463,7 +463,7 @@ def test_claimed_tasks_go_back_if_they_cannot_be_loaded(
     def broken(*args: object) -> None:
         raise RuntimeError("cannot load")
 
-    monkeypatch.setattr(limits_module, "_loaded", broken)
+    monkeypatch.setattr(claim_module, "_tasks", broken)
     with pytest.raises(RuntimeError, match="cannot load"):
         claim_tasks_within_limits(session_factory, plan, worker_id="w", limit=5, lease_seconds=30)
     with session_factory() as session:
@@ -481,7 +481,15 @@ def test_run_until_idle_respects_max_running(session_factory: sessionmaker[Sessi
     busy, *_ = _enqueue(session_factory, "k", 3)
     _enqueue(session_factory, "free", 2)
     with session_factory.begin() as session:  # another worker is running one
-        session.execute(update(Task).where(Task.id == busy).values(status=TaskStatus.RUNNING))
+        session.execute(
+            update(Task)
+            .where(Task.id == busy)
+            .values(
+                status=TaskStatus.RUNNING,
+                locked_by="w",
+                lease_expires_at=func.now() + dt.timedelta(hours=1),
+            )
+        )
     assert scheduler.run_until_idle(batch_size=10) == 2  # the unlimited ones only
     with session_factory.begin() as session:
         session.execute(update(Task).where(Task.id == busy).values(status=TaskStatus.SUCCEEDED))
@@ -638,7 +646,15 @@ def test_worker_at_its_limit_does_not_spin(
     scheduler.handler("k", max_running=1)(_noop)
     busy, *_ = _enqueue(session_factory, "k", 3)
     with session_factory.begin() as session:  # held by "another worker"
-        session.execute(update(Task).where(Task.id == busy).values(status=TaskStatus.RUNNING))
+        session.execute(
+            update(Task)
+            .where(Task.id == busy)
+            .values(
+                status=TaskStatus.RUNNING,
+                locked_by="w",
+                lease_expires_at=func.now() + dt.timedelta(hours=1),
+            )
+        )
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,9 +95,26 @@ def _upgrade_heads_and_check(python: Path, workdir: Path, database_url: str) -> 
 def test_wheel_contains_revisions_env_and_data(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
+        [license_file] = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]
+        license_text = archive.read(license_file).decode()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
     missing = [name for name in WHEEL_FILES if name not in names]
     assert not missing, f"not in {wheel.name}: {missing}"
     assert not any(name.startswith("tests/") for name in names)
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License")
+    assert b"License-Expression: MIT" in metadata
+
+
+def test_sdist_contains_the_license(tmp_path: Path) -> None:
+    _run([sys.executable, "-m", "build", "--sdist", "--outdir", tmp_path, ROOT], cwd=tmp_path)
+    [built] = tmp_path.glob("sqla_pgotask-*.tar.gz")
+    with tarfile.open(built) as archive:
+        names = archive.getnames()
+        [license_file] = [name for name in names if name.endswith("/LICENSE")]
+        member = archive.extractfile(license_file)
+        assert member is not None
+        assert member.read().decode() == (ROOT / "LICENSE").read_text()
 
 
 def test_version_location_resolves_from_a_wheel_install(

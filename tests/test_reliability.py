@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, create_engine, func, make_url, select, text, update
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import (
@@ -19,8 +23,12 @@ from sqla_pgotask import (
     TaskStatus,
     current_attempt,
 )
+from sqla_pgotask import _claim as claim_module
+from sqla_pgotask import worker as worker_module
 from sqla_pgotask._claim import claim_tasks
 from sqla_pgotask._maintenance import node_id
+from sqla_pgotask.errors import WorkerStuckError
+from sqla_pgotask.worker import WorkerStats
 from tests.test_worker import (
     AppBase,
     Ledger,
@@ -388,6 +396,54 @@ def test_cancel_a_running_task_across_connections(app: sessionmaker[Session], ho
     assert errors_of(app, task_id) == []
 
 
+def test_a_cancel_notification_from_a_role_without_rights_cancels_nothing(
+    app: sessionmaker[Session], engine: Engine, database_url: str
+) -> None:
+    # Any role that can connect may NOTIFY any channel: the worker acts on
+    # the row (cancel_requested_at), which takes the right to update it.
+    scheduler = ledger_scheduler(app, heartbeat_interval=5, lease_seconds=60)
+    entered, release = threading.Event(), threading.Event()
+
+    @scheduler.handler("long")
+    def long(session: Session, task: Task) -> None:
+        session.add(Ledger(task_id=task.id))
+        entered.set()
+        while not release.is_set():
+            current_attempt().check()
+            time.sleep(0.01)
+
+    role = f"pgotask_nobody_{os.getpid()}"
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.commit()
+    nobody = create_engine(make_url(database_url).set(username=role))
+    try:
+        (task_id,) = add_tasks(app, Task(kind="long"))
+        with running(scheduler) as stats:
+            assert entered.wait(10)
+            with nobody.connect() as conn:
+                with pytest.raises(ProgrammingError, match="permission denied"):
+                    conn.execute(text("SELECT pgotask_cancel(:id)"), {"id": task_id})
+                conn.rollback()
+                conn.execute(text(f"NOTIFY pgotask_cancel, '{task_id}'"))
+                conn.commit()
+            worker = scheduler.running_worker
+            assert worker is not None
+            time.sleep(1.0)  # the listener confirms in milliseconds
+            assert worker._in_flight[task_id].cancel_requested is False
+            release.set()
+            wait_until(lambda: status_of(app, task_id) is TaskStatus.SUCCEEDED, timeout=10)
+        assert stats[0].cancelled == 0 and stats[0].succeeded == 1
+        assert ledger_ids(app) == [task_id]
+    finally:
+        release.set()
+        nobody.dispose()
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+            conn.commit()
+
+
 def test_handler_can_cancel_its_own_task(app: sessionmaker[Session]) -> None:
     scheduler = Scheduler(app)
 
@@ -475,3 +531,113 @@ def test_a_row_locked_by_the_application_does_not_hold_up_other_heartbeats(
         wait_until(lambda: status_of(app, a) is TaskStatus.SUCCEEDED, timeout=10)
     assert get_task(app, a).attempts == 1  # its lease never lapsed
     assert errors_of(app, a) == []
+
+
+# -- claims whose reply was lost -------------------------------------------------
+
+
+def test_a_claim_whose_reply_was_lost_gives_its_tasks_back_at_once(
+    app: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim commits, then the connection dies before its reply is read
+    # (as in an immediate restart): the rows are 'running' under this
+    # worker's id.  They must run within moments, not after the 60 s lease.
+    real = claim_module._run_claim
+    lost: list[int] = []
+
+    def reply_lost(connection: Any, worker_id: str, named: Any) -> Any:
+        claimed = real(connection, worker_id, named)
+        if not lost and claimed:
+            lost.extend(task.id for task in claimed)
+            claim_module.driver_connection(connection).close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return claimed
+
+    monkeypatch.setattr(claim_module, "_run_claim", reply_lost)
+    scheduler = ledger_scheduler(app, lease_seconds=60, maintenance_interval=60)
+    ids = add_tasks(app, *(Task(kind="ledger") for _ in range(5)))
+    started = time.monotonic()
+    with running(scheduler) as stats:
+        wait_until(lambda: sorted(ledger_ids(app)) == sorted(ids), timeout=20)
+    assert lost, "the claim never took the tasks"
+    assert time.monotonic() - started < 20
+    for task_id in ids:
+        task = get_task(app, task_id)
+        assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)  # attempt refunded
+        assert errors_of(app, task_id) == []
+    assert stats[0].succeeded == 5
+
+
+# -- handlers stuck past their timeout ------------------------------------------
+
+
+def test_stuck_handler_threads_are_not_claimed_for_and_all_stuck_stops_the_worker(
+    app: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "STUCK_MARGIN", 0.3)
+    scheduler = ledger_scheduler(app, concurrency=2, heartbeat_interval=0.1)
+    release = threading.Event()
+
+    @scheduler.handler("stuck", timeout=0.2)
+    def stuck(session: Session, task: Task) -> None:
+        release.wait(60)  # never calls current_attempt().check(): Python cannot stop it
+
+    def registry() -> list[tuple[int, object]]:
+        with app() as session:
+            rows = session.execute(
+                select(RegisteredWorker.stuck_slots, RegisteredWorker.all_stuck_since)
+            ).all()
+            return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    outcome: list[BaseException | WorkerStats] = []
+
+    def run() -> None:
+        try:
+            outcome.append(scheduler.run())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    try:
+        (first,) = add_tasks(app, Task(kind="stuck"))
+        thread.start()
+        wait_until(lambda: registry() == [(1, None)], timeout=10)
+        # One slot left: other tasks still run.
+        quick = add_tasks(app, *(Task(kind="ledger") for _ in range(3)))
+        wait_until(lambda: sorted(ledger_ids(app)) == sorted(quick), timeout=10)
+        add_tasks(app, Task(kind="stuck"))
+        wait_until(lambda: bool(outcome), timeout=20)
+        [error] = outcome
+        assert isinstance(error, WorkerStuckError), error
+        assert "every handler thread (2) is stuck" in str(error)
+        assert registry() == []  # unregistered
+        # The stuck attempts' leases were not extended: another worker rescues them.
+        with app() as session:
+            expired = session.scalar(
+                select(func.coalesce(Task.lease_expires_at < func.now(), True)).where(
+                    Task.id == first
+                )
+            )
+            assert expired
+    finally:
+        release.set()
+        thread.join(30)
+
+
+def test_a_worker_whose_threads_cannot_start_leaves_no_registry_row(
+    app: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = ledger_scheduler(app, concurrency=3)
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "pgotask-handler-2":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        scheduler.run()
+    with app() as session:
+        assert session.scalars(select(RegisteredWorker.id)).all() == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("pgotask-")]

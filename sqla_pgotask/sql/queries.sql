@@ -184,6 +184,24 @@ WHERE status = 'running'
   AND (id, attempts) IN (
       SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])));
 
+-- name: release_orphans
+-- After a claim statement failed in flight: the claim may have committed
+-- without its reply reaching the worker.  Its rows are 'running' under this
+-- worker's id, yet no handler of it will run them; give them back now,
+-- attempt refunded (they never started), rather than after their lease.
+-- :known lists the tasks the worker does hold.  Only this worker's claim
+-- loop claims under its id, and it runs this before claiming again.
+UPDATE pgotask_task
+SET status = 'pending',
+    attempts = attempts - 1,
+    started_at = NULL,
+    locked_by = NULL,
+    lease_expires_at = NULL
+WHERE status = 'running'
+  AND locked_by = :worker
+  AND id <> ALL (CAST(:known AS bigint[]))
+RETURNING id;
+
 -- name: release_interrupted
 -- Shutdown after the grace period: tasks whose handlers are still running
 -- are given back now, not after their lease; the attempt counts (the handler
@@ -207,6 +225,17 @@ SELECT id, attempts, 'sqla_pgotask.WorkerShutdown',
        'the worker shut down before the handler finished (grace period exceeded)', :worker
 FROM released;
 
+-- name: cancel_requested
+-- The listener's check of a cancellation notification, which anyone who can
+-- connect may send: only a running task whose row requests cancellation
+-- (set by someone allowed to update it) is cancelled, in the attempt the
+-- row names.
+SELECT id, attempts
+FROM pgotask_task
+WHERE id = ANY (CAST(:ids AS bigint[]))
+  AND status = 'running'
+  AND cancel_requested_at IS NOT NULL;
+
 -- name: register_worker
 INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency)
 VALUES (:worker, :host, :pid, :node, CAST(:kinds AS text[]), CAST(:queues AS text[]),
@@ -219,16 +248,21 @@ DELETE FROM pgotask_worker WHERE id = :worker;
 -- name: heartbeat
 -- One statement per interval for all of a worker's tasks: extend the leases
 -- of the attempts it still owns, refresh its registry row (re-creating it if
--- it was pruned), and report which of its tasks are still its own and which
+-- it was pruned; with its count of handler threads stuck past a timeout,
+-- and since when all of them are), and report which of its tasks are still its own and which
 -- have a cancellation request.  Ids missing from the result are no longer
 -- this worker's.  A row another transaction holds locked (say, an
 -- application's uncommitted cancel) is skipped, not waited for: one busy row
 -- must not hold up the leases of all the others.
 WITH me AS (
-    INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency)
+    INSERT INTO pgotask_worker (id, host, pid, node, kinds, queues, concurrency, stuck_slots)
     VALUES (:worker, :host, :pid, :node, CAST(:kinds AS text[]), CAST(:queues AS text[]),
-            :concurrency)
-    ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()
+            :concurrency, :stuck_slots)
+    ON CONFLICT (id) DO UPDATE
+    SET last_heartbeat_at = now(),
+        stuck_slots = EXCLUDED.stuck_slots,
+        all_stuck_since = CASE WHEN EXCLUDED.stuck_slots >= EXCLUDED.concurrency
+                               THEN COALESCE(pgotask_worker.all_stuck_since, now()) END
 ),
 mine AS (
     SELECT t.id, t.cancel_requested_at
