@@ -14,6 +14,7 @@ from sqla_pgotask.errors import (
     ConfigurationError,
     HandlerTransactionError,
     InvalidPayloadError,
+    InvalidTaskError,
     NonRetryableError,
     PgotaskError,
     SchemaError,
@@ -21,6 +22,8 @@ from sqla_pgotask.errors import (
     TaskCancelledError,
     TaskTimeoutError,
     UnknownKindError,
+    UnrunnableTaskError,
+    WorkerStuckError,
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
@@ -41,6 +44,7 @@ __all__ = [
     "Handler",
     "HandlerTransactionError",
     "InvalidPayloadError",
+    "InvalidTaskError",
     "NonRetryableError",
     "Outcome",
     "PgotaskError",
@@ -60,7 +64,9 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "UnknownKindError",
+    "UnrunnableTaskError",
     "WorkerStats",
+    "WorkerStuckError",
     "add_many",
     "current_attempt",
     "pause_queue",

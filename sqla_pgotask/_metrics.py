@@ -125,6 +125,7 @@ class QueueDepthReader:
         self._read_at: float | None = None
         self._rows: list[QueueDepth] = []
         self._seen: set[tuple[str, str]] = set()
+        self._stuck: dict[str, int] = {}
 
     def read(self) -> list[QueueDepth]:
         """The rows of the last read, reading again if it is older than ``interval``."""
@@ -135,11 +136,22 @@ class QueueDepthReader:
                 self._rows = self._query()
             return self._rows
 
+    def stuck_slots(self) -> dict[str, int]:
+        """Each registered worker's stuck handler threads, as of the last :meth:`read`."""
+        self.read()
+        with self._lock:
+            return dict(self._stuck)
+
     def _query(self) -> list[QueueDepth]:
         try:
             with self.session_factory() as session:
                 result = session.execute(query("metrics_queue_depth"), bind_arguments=TASK_BIND)
                 rows = [QueueDepth(**row._asdict()) for row in result]
+                stuck = session.execute(query("metrics_stuck_slots"), bind_arguments=TASK_BIND)
+                # A worker gone since the last read falls to 0, then out.
+                self._stuck = {worker: 0 for worker, n in self._stuck.items() if n} | {
+                    worker: n for worker, n in stuck.tuples()
+                }
         except Exception:
             logger.warning("could not read the queue depth for metrics", exc_info=True)
             return []

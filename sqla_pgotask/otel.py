@@ -252,6 +252,12 @@ class _QueueGauges:
             description="Live tasks per queue, kind and state (due, scheduled, running).",
         )
         meter.create_observable_gauge(
+            "pgotask.worker.stuck_slots",
+            callbacks=[self.stuck_slots],
+            unit="{thread}",
+            description="Handler threads of each worker stuck in a handler far past its timeout.",
+        )
+        meter.create_observable_gauge(
             "pgotask.queue.oldest_due_age",
             callbacks=[self.oldest_due_age],
             unit="s",
@@ -264,6 +270,10 @@ class _QueueGauges:
                 yield Observation(
                     count, {ATTR_QUEUE: row.queue, ATTR_KIND: row.kind, ATTR_STATE: state}
                 )
+
+    def stuck_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+        for worker, count in self.reader.stuck_slots().items():
+            yield Observation(count, {"pgotask.worker": worker})
 
     def oldest_due_age(self, options: CallbackOptions) -> Iterable[Observation]:
         for row in self.reader.read():

@@ -72,6 +72,8 @@ _TASKS = "pgotask_queue_tasks"
 _TASKS_HELP = "Live tasks per queue, kind and state (due, scheduled, running)."
 _AGE = "pgotask_queue_oldest_due_age_seconds"
 _AGE_HELP = "Seconds the oldest due task has waited past its run_at (0: none due)."
+_STUCK = "pgotask_worker_stuck_slots"
+_STUCK_HELP = "Handler threads of each worker stuck in a handler far past its timeout."
 
 _lock = threading.Lock()
 _instrumented = Instrumented("Prometheus")
@@ -200,6 +202,7 @@ class _QueueCollector(Collector):
         return [
             GaugeMetricFamily(_TASKS, _TASKS_HELP, labels=["queue", "kind", "state"]),
             GaugeMetricFamily(_AGE, _AGE_HELP, labels=["queue", "kind"]),
+            GaugeMetricFamily(_STUCK, _STUCK_HELP, labels=["worker"]),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -209,8 +212,12 @@ class _QueueCollector(Collector):
             for state, count in row.counts().items():
                 tasks.add_metric([row.queue, row.kind, state], count)
             age.add_metric([row.queue, row.kind], row.oldest_due_seconds)
+        stuck = GaugeMetricFamily(_STUCK, _STUCK_HELP, labels=["worker"])
+        for worker, count in self.reader.stuck_slots().items():
+            stuck.add_metric([worker], count)
         yield tasks
         yield age
+        yield stuck
 
 
 class _QueueGaugeWriter:
@@ -229,6 +236,9 @@ class _QueueGaugeWriter:
         self.age = Gauge(
             _AGE, _AGE_HELP, ["queue", "kind"], registry=None, multiprocess_mode="mostrecent"
         )
+        self.stuck = Gauge(
+            _STUCK, _STUCK_HELP, ["worker"], registry=None, multiprocess_mode="mostrecent"
+        )
 
     def start(self) -> None:
         thread = threading.Thread(target=self._run, name="pgotask-metrics", daemon=True)
@@ -244,3 +254,5 @@ class _QueueGaugeWriter:
             for state, count in row.counts().items():
                 self.tasks.labels(row.queue, row.kind, state).set(count)
             self.age.labels(row.queue, row.kind).set(row.oldest_due_seconds)
+        for worker, count in self.reader.stuck_slots().items():
+            self.stuck.labels(worker).set(count)

@@ -63,6 +63,11 @@ _DUE_MARGIN = 0.005
 STUCK_MARGIN = IDLE_TIMEOUT_MARGIN
 
 
+def brief(exc: BaseException) -> str:
+    """The first line of an error: a database error's text goes on with its full SQL."""
+    return str(exc).strip().partition("\n")[0] or type(exc).__name__
+
+
 def new_worker_id() -> str:
     """``host:pid:random``, unique per worker instance."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -333,7 +338,7 @@ class Worker:
                     orphans_possible = True
                     failures += 1
                     delay = min(0.05 * 2 ** (failures - 1), settings.poll_interval, 5.0)
-                    logger.warning("claim failed (%s); retrying in %.2fs", exc, delay)
+                    logger.warning("claim failed (%s); retrying in %.2fs", brief(exc), delay)
                     self._stopping.wait(delay)
                     continue
                 if tasks.refused:
@@ -424,7 +429,7 @@ class Worker:
             source = self._claimer if self._limited is None else self._limited
             seconds = source.next_due(self._max_attempts, self.settings.queues)
         except Exception as exc:
-            logger.warning("could not read when the next delayed task is due (%s)", exc)
+            logger.warning("could not read when the next delayed task is due (%s)", brief(exc))
             return self.settings.poll_interval
         if seconds is None:
             return self.settings.poll_interval

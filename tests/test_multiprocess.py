@@ -22,7 +22,8 @@ BEFORE_START = 500
 
 _STATS = re.compile(
     r"stopped: WorkerStats\(succeeded=(\d+), retried=(\d+), failed=(\d+), "
-    r"cancelled=(\d+), lost=(\d+), interrupted=(\d+), released=(\d+), snoozed=(\d+)\)"
+    r"cancelled=(\d+), lost=(\d+), interrupted=(\d+), released=(\d+), snoozed=(\d+), "
+    r"refused=(\d+), stuck_slots=(\d+)\)"
 )
 
 

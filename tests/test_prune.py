@@ -46,10 +46,14 @@ def _add(
             conn.execute(
                 text(
                     """
-                    INSERT INTO pgotask_task (kind, status, attempts, finished_at)
-                    SELECT 'k', :status, 1,
+                    INSERT INTO pgotask_task (kind, status, attempts, finished_at,
+                                              locked_by, lease_expires_at)
+                    SELECT 'k', CAST(:status AS text), 1,
                            CASE WHEN CAST(:days AS float) IS NULL THEN NULL
-                                ELSE now() - make_interval(secs => :days * 86400) END
+                                ELSE now() - make_interval(secs => :days * 86400) END,
+                           CASE WHEN CAST(:status AS text) = 'running' THEN 'w' END,
+                           CASE WHEN CAST(:status AS text) = 'running'
+                                THEN now() + interval '1 hour' END
                     FROM generate_series(1, :count)
                     RETURNING id
                     """

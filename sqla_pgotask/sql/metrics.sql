@@ -21,3 +21,8 @@ FROM (
 ) AS live
 GROUP BY queue, kind
 ORDER BY queue, kind
+
+-- name: metrics_stuck_slots
+-- Each registered worker's handler threads stuck in a handler far past its
+-- timeout, as its latest heartbeat reported (0 for most).
+SELECT id AS worker, stuck_slots FROM pgotask_worker ORDER BY id
