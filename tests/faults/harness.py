@@ -4,6 +4,9 @@
   that a test kills, stops and respawns;
 * :class:`Probe`: the test's own view of the database (it survives server
   restarts: ``pool_pre_ping`` and retried queries);
+* :func:`app_database` and :class:`SlotHog`: a database that workers reach
+  as an ordinary role, and idle connections of that role that take every
+  connection slot it can get;
 * :func:`check_ledger` / :meth:`LedgerCheck.assert_clean`: the end-of-run
   invariants (every task succeeded exactly once, nothing left running, no
   attempt beyond ``max_attempts``);
@@ -31,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
@@ -75,6 +79,82 @@ def prepare_database(url: str) -> None:
         create_ledger(engine)
     finally:
         engine.dispose()
+
+
+#: The ordinary (not superuser) role of :func:`app_database`.
+APP_ROLE = "fault_app"
+
+
+def app_database(server_url: str, name: str) -> str:
+    """Create database ``name`` owned by :data:`APP_ROLE`, migrated by it; return its URL as it.
+
+    Workers that connect as a superuser may take the slots of
+    ``superuser_reserved_connections``; an application's role may not, so
+    faults about connection slots need one.  The superuser's URL of the same
+    database is ``url_for(server_url, name)``.
+    """
+    admin_execute(
+        server_url,
+        f"DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        f'CREATE DATABASE "{name}" OWNER {APP_ROLE}',
+    )
+    url = make_url(url_for(server_url, name)).set(username=APP_ROLE)
+    rendered = url.render_as_string(hide_password=False)
+    prepare_database(rendered)
+    return rendered
+
+
+#: What PostgreSQL says when it turns a connection away for want of a slot
+#: (SQLSTATE 53300, which a failed connection attempt does not carry).
+_NO_SLOT_MESSAGES = ("too many clients already", "remaining connection slots are reserved")
+
+
+class SlotHog:
+    """Idle connections that take every connection slot open to the role of ``url``.
+
+    ``fill()`` connects until the server refuses for want of a slot and
+    keeps what it got; ``release()`` closes them all.  Connect it to another
+    database than the one under test: ``max_connections`` counts the whole
+    server, and :meth:`Probe.terminate` then spares these.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self._params = {
+            "host": parsed.host,
+            "port": parsed.port,
+            "user": parsed.username,
+            "dbname": parsed.database,
+        }
+        self.held: list[psycopg.Connection[Any]] = []
+
+    def __enter__(self) -> SlotHog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def fill(self, *, limit: int = 1_000) -> int:
+        """Take every free slot; return how many this call took."""
+        taken = 0
+        while taken < limit:
+            try:
+                conn = psycopg.connect(**self._params, autocommit=True)  # type: ignore[arg-type]
+            except psycopg.OperationalError as exc:
+                if not any(m in str(exc) for m in _NO_SLOT_MESSAGES):
+                    raise
+                return taken
+            self.held.append(conn)
+            taken += 1
+        raise AssertionError(f"took {limit} connections and the server still had room")
+
+    def release(self) -> float:
+        """Close every held connection; return ``time.time()`` once they are closed."""
+        held, self.held = self.held, []
+        for conn in held:
+            conn.close()
+        return time.time()
 
 
 def epoch(value: dt.datetime | None) -> float | None:
@@ -264,12 +344,20 @@ class Fleet:
     """
 
     def __init__(
-        self, database_url: str, log_dir: Path, *args: str, scheduler: str = SCHEDULER
+        self,
+        database_url: str,
+        log_dir: Path,
+        *args: str,
+        scheduler: str = SCHEDULER,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.database_url = database_url
         self.log_dir = log_dir
         self.args = args
         self.scheduler = scheduler
+        #: Run each worker under this command (``ip netns exec NAME``, say); it must exec the
+        #: worker in its own process, so that the pid is the worker's.
+        self.prefix = tuple(prefix)
         self.all: list[WorkerProcess] = []
         self.spawned = 0
 
@@ -295,7 +383,7 @@ class Fleet:
         self.spawned += 1
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [pgotask_executable(), "worker", self.scheduler, *self.args],
+                [*self.prefix, pgotask_executable(), "worker", self.scheduler, *self.args],
                 cwd=PROJECT_ROOT,
                 env=pgotask_env(self.database_url),
                 stdin=subprocess.DEVNULL,
