@@ -47,6 +47,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -76,6 +77,7 @@ _STOP_TIMEOUT = 15.0
 # An immediate shutdown SIGKILLs the postmaster's children after 5 s itself.
 _IMMEDIATE_STOP_TIMEOUT = 10.0
 _PORT_ATTEMPTS = 5
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _UNPRIVILEGED_USER = "nobody"
 _IS_LINUX = sys.platform.startswith("linux")
 _EXE = ".exe" if os.name == "nt" else ""
@@ -489,10 +491,21 @@ class EmbeddedPostgres:
     back (``restart()``, ``stop_server()``, ``start_server()``) to test how
     clients survive database restarts: it comes back on the same port, so
     :attr:`url` and :attr:`port` do not change, with the same data.
+
+    ``settings`` are server settings passed as ``-c name=value``, after (and
+    so overriding) the defaults: for example ``{"max_connections": 10}``, or
+    ``{"listen_addresses": "127.0.0.1,127.0.0.2"}`` for a server that clients
+    reach on another loopback address as well.
     """
 
-    def __init__(self, *, base_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        base_dir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str | int] | None = None,
+    ) -> None:
         self._base_dir = Path(base_dir) if base_dir is not None else None
+        self._settings = _check_settings(settings or {})
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
@@ -807,6 +820,9 @@ class EmbeddedPostgres:
             "-c",
             "TimeZone=UTC",
         ]
+        # Last, so that they override the defaults above.
+        for name, value in self._settings.items():
+            cmd += ["-c", f"{name}={value}"]
         offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
             self._proc = _spawn(
@@ -892,6 +908,21 @@ class EmbeddedPostgres:
             # The children notice the postmaster's death and exit by themselves.
             proc.kill()
         proc.wait()
+
+
+def _check_settings(settings: Mapping[str, str | int]) -> dict[str, str]:
+    """The server settings as ``-c`` values, or a ValueError naming the bad one."""
+    checked: dict[str, str] = {}
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name):
+            raise ValueError(f"not a PostgreSQL setting name: {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"setting {name} must be a str or an int, not {value!r}")
+        text = str(value)
+        if "\0" in text or "\n" in text:
+            raise ValueError(f"setting {name} has a NUL or newline in its value: {text!r}")
+        checked[name] = text
+    return checked
 
 
 def _check_mode(mode: str) -> None:

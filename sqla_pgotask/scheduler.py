@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
+from sqla_pgotask._connection_slots import when_admitted
 from sqla_pgotask._connections import require_psycopg
 from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
 from sqla_pgotask._limits import (
@@ -140,6 +141,8 @@ class Scheduler:
         self._workers: list[Worker] = []
         self._starting = False
         self._stop_requested = False
+        # Set by stop() while run() still waits for a connection slot.
+        self._start_abandoned = threading.Event()
         self._schema_checked = False
         self._schedules: dict[str, Schedule] = {}
         self._queue_limits: dict[str, QueueLimit] = {}
@@ -442,6 +445,11 @@ class Scheduler:
         stats are added up.  The library installs no signal handlers: call
         :meth:`stop` from one of yours (the ``pgotask worker`` command does)
         or from another thread.
+
+        While the server has no connection slot free for it (``max_connections``
+        reached), it waits before starting, logging a warning at each retry
+        (after 0.25 s, doubling up to 5 s); a :meth:`stop` meanwhile makes it
+        return at once, having run nothing.
         """
         current = self.settings
         lanes = self._lanes if queues is None else _lanes(queues)
@@ -471,8 +479,10 @@ class Scheduler:
                 raise ConfigurationError("this scheduler is already running a worker")
             self._starting = True
             self._stop_requested = False
+            self._start_abandoned.clear()
         try:
-            self.check_schema()
+            if not when_admitted(self.check_schema, self._start_abandoned, "start the worker"):
+                return WorkerStats()
             workers = [
                 Worker(
                     self.session_factory,
@@ -512,6 +522,7 @@ class Scheduler:
             workers = list(self._workers)
             if not workers and self._starting:
                 self._stop_requested = True
+                self._start_abandoned.set()
         for worker in workers:
             worker.stop()
 

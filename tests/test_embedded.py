@@ -498,6 +498,34 @@ def test_stop_cleans_up_after_restarts(down: bool) -> None:
         server.restart()
 
 
+def test_settings_override_the_defaults_and_survive_restarts() -> None:
+    with EmbeddedPostgres(settings={"max_connections": 12, "application_name": "x.y"}) as server:
+        for _ in range(2):
+            with psycopg.connect(
+                host="127.0.0.1", port=server.port, user="postgres", dbname="postgres"
+            ) as conn:
+                assert conn.execute("SHOW max_connections").fetchone() == ("12",)
+                assert conn.execute("SHOW fsync").fetchone() == ("off",)  # a default kept
+            server.restart()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max connections": 1}, "not a PostgreSQL setting name"),
+        ({"": 1}, "not a PostgreSQL setting name"),
+        ({"fsync": True}, "must be a str or an int"),
+        ({"work_mem": 1.5}, "must be a str or an int"),
+        ({"application_name": "a\nb"}, "NUL or newline"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_starts(
+    settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        EmbeddedPostgres(settings=settings)  # type: ignore[arg-type]
+
+
 def test_restart_argument_and_state_errors() -> None:
     server = EmbeddedPostgres()
     for call in (server.restart, server.stop_server, server.start_server):

@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sqla_pgotask.embedded import EmbeddedPostgres
-from tests.faults.harness import admin_execute, prepare_database, url_for
+from tests.faults.harness import (
+    IsolatedHost,
+    NamespacesNotPermitted,
+    admin_execute,
+    prepare_database,
+    url_for,
+)
 
 _counter = itertools.count()
 
@@ -52,6 +58,23 @@ def new_database(fault_server: str, fault_template: str) -> Iterator[Callable[[]
     yield make
     for name in names:
         admin_execute(fault_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def isolated_host() -> Iterator[IsolatedHost]:
+    """A network namespace linked to this one, removed after the test even if it fails.
+
+    Skipped only where this process may not create network namespaces.
+    """
+    host = IsolatedHost()
+    try:
+        host.create()
+    except NamespacesNotPermitted as exc:
+        pytest.skip(f"network namespaces are not permitted here: {exc}")
+    try:
+        yield host
+    finally:
+        host.close()
 
 
 @pytest.fixture

@@ -4,9 +4,14 @@
   that a test kills, stops and respawns;
 * :class:`Probe`: the test's own view of the database (it survives server
   restarts: ``pool_pre_ping`` and retried queries);
+* :func:`app_database` and :class:`SlotHog`: a database that workers reach
+  as an ordinary role, and idle connections of that role that take every
+  connection slot it can get;
 * :func:`check_ledger` / :meth:`LedgerCheck.assert_clean`: the end-of-run
   invariants (every task succeeded exactly once, nothing left running, no
   attempt beyond ``max_attempts``);
+* :class:`IsolatedHost`: a network namespace joined to this one by a veth
+  pair, for a worker whose network the test cuts and heals;
 * :class:`ScenarioResult` / :func:`report`: the one-line summary of a
   scenario, also appended as JSON to the file named by
   ``PGOTASK_FAULT_RESULTS``; ``python -m tests.faults.harness FILE`` turns
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,9 +38,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
+from sqla_pgotask.embedded import EmbeddedPostgres
 from sqla_pgotask.migrate import upgrade
 from tests.apps.faulty import SCHEDULER, create_ledger
 from tests.processes import (
@@ -75,6 +84,82 @@ def prepare_database(url: str) -> None:
         create_ledger(engine)
     finally:
         engine.dispose()
+
+
+#: The ordinary (not superuser) role of :func:`app_database`.
+APP_ROLE = "fault_app"
+
+
+def app_database(server_url: str, name: str) -> str:
+    """Create database ``name`` owned by :data:`APP_ROLE`, migrated by it; return its URL as it.
+
+    Workers that connect as a superuser may take the slots of
+    ``superuser_reserved_connections``; an application's role may not, so
+    faults about connection slots need one.  The superuser's URL of the same
+    database is ``url_for(server_url, name)``.
+    """
+    admin_execute(
+        server_url,
+        f"DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        f'CREATE DATABASE "{name}" OWNER {APP_ROLE}',
+    )
+    url = make_url(url_for(server_url, name)).set(username=APP_ROLE)
+    rendered = url.render_as_string(hide_password=False)
+    prepare_database(rendered)
+    return rendered
+
+
+#: What PostgreSQL says when it turns a connection away for want of a slot
+#: (SQLSTATE 53300, which a failed connection attempt does not carry).
+_NO_SLOT_MESSAGES = ("too many clients already", "remaining connection slots are reserved")
+
+
+class SlotHog:
+    """Idle connections that take every connection slot open to the role of ``url``.
+
+    ``fill()`` connects until the server refuses for want of a slot and
+    keeps what it got; ``release()`` closes them all.  Connect it to another
+    database than the one under test: ``max_connections`` counts the whole
+    server, and :meth:`Probe.terminate` then spares these.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self._params = {
+            "host": parsed.host,
+            "port": parsed.port,
+            "user": parsed.username,
+            "dbname": parsed.database,
+        }
+        self.held: list[psycopg.Connection[Any]] = []
+
+    def __enter__(self) -> SlotHog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def fill(self, *, limit: int = 1_000) -> int:
+        """Take every free slot; return how many this call took."""
+        taken = 0
+        while taken < limit:
+            try:
+                conn = psycopg.connect(**self._params, autocommit=True)  # type: ignore[arg-type]
+            except psycopg.OperationalError as exc:
+                if not any(m in str(exc) for m in _NO_SLOT_MESSAGES):
+                    raise
+                return taken
+            self.held.append(conn)
+            taken += 1
+        raise AssertionError(f"took {limit} connections and the server still had room")
+
+    def release(self) -> float:
+        """Close every held connection; return ``time.time()`` once they are closed."""
+        held, self.held = self.held, []
+        for conn in held:
+            conn.close()
+        return time.time()
 
 
 def epoch(value: dt.datetime | None) -> float | None:
@@ -228,6 +313,142 @@ def _is_transient(exc: DBAPIError) -> bool:
     )
 
 
+# -- network -------------------------------------------------------------------
+
+_hosts = itertools.count()
+
+
+class NamespacesNotPermitted(Exception):
+    """This process may not create network namespaces (not root, or a restricted container)."""
+
+
+class IsolatedHost:
+    """A network namespace joined to this one by a veth pair: a worker host whose link can be cut.
+
+    Both ends get addresses of the loopback range, a ``/30`` chosen from the
+    pid (``127.<100..163>.<0..255>.1`` here, ``.2`` inside), so no packet can
+    ever be addressed outside this machine.  Linux refuses loopback-range
+    addresses on other interfaces unless ``route_localnet`` is on, so it is
+    turned on for the two veth ends, and for nothing else.  A process run
+    under :attr:`prefix` sees only the veth end inside (its own ``lo`` stays
+    down), so it reaches :attr:`host_address`, not this host's 127.0.0.1.
+
+    :meth:`cut` takes the inside end down: the inside's packets go nowhere
+    (a new connection fails at once with "Network is unreachable"; an open
+    one waits, its data retransmitted), and this side's packets to it are
+    dropped without an answer, so the server learns nothing.  :meth:`heal`
+    brings it back up, and open connections resume where they were.
+    :meth:`close` deletes the pair and the namespace, whatever state they
+    are in.
+    """
+
+    def __init__(self) -> None:
+        n = (os.getpid() * 8 + next(_hosts)) % (64 * 256)
+        self.name = f"pgotask-fault{n}"
+        # Interface names have at most 15 characters.
+        self.host_if = f"pgf{n}h"
+        self.inner_if = f"pgf{n}n"
+        subnet = f"127.{100 + n // 256}.{n % 256}"
+        self.host_address = f"{subnet}.1"
+        self.address = f"{subnet}.2"
+        self._created = False
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The command prefix that runs a program inside (it execs: same pid)."""
+        return ("ip", "netns", "exec", self.name)
+
+    def create(self) -> IsolatedHost:
+        """Create the namespace and the link; raise :class:`NamespacesNotPermitted` if refused."""
+        if shutil.which("ip") is None:
+            raise AssertionError("this scenario needs the ip command (Debian package iproute2)")
+        added = _ip("netns", "add", self.name, check=False)
+        if added.returncode != 0:
+            if any(w in added.stderr for w in ("not permitted", "Permission denied")):
+                raise NamespacesNotPermitted(added.stderr.strip())
+            raise AssertionError(f"ip netns add {self.name} failed: {added.stderr.strip()}")
+        self._created = True
+        try:
+            inside = ("-n", self.name)
+            _ip(
+                *f"link add {self.host_if} type veth peer name {self.inner_if}".split(),
+                "netns",
+                self.name,
+            )
+            _ip("addr", "add", f"{self.host_address}/30", "dev", self.host_if)
+            Path(f"/proc/sys/net/ipv4/conf/{self.host_if}/route_localnet").write_text("1")
+            _ip("link", "set", self.host_if, "up")
+            _ip(*inside, "addr", "add", f"{self.address}/30", "dev", self.inner_if)
+            # /proc/sys/net shows the namespace of the process reading it.
+            localnet = f"/proc/sys/net/ipv4/conf/{self.inner_if}/route_localnet"
+            _run([*self.prefix, "sh", "-c", f"echo 1 > {localnet}"])
+            _ip(*inside, "link", "set", self.inner_if, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_reaches(self, url: str, timeout: float = 15.0) -> None:
+        """Wait until a connection from inside to the server of ``url`` succeeds.
+
+        The server reloads ``pg_hba.conf`` on a signal: until it has, it turns
+        a client from inside away, and a worker started then would exit.
+        """
+        parsed = make_url(url)
+        probe = (
+            "import sys, time, psycopg\n"
+            f"deadline = time.monotonic() + {timeout}\n"
+            "while True:\n"
+            "    try:\n"
+            "        psycopg.connect(host=sys.argv[1], port=sys.argv[2], user=sys.argv[3],\n"
+            "                        dbname=sys.argv[4], connect_timeout=2).close()\n"
+            "        break\n"
+            "    except psycopg.OperationalError:\n"
+            "        if time.monotonic() > deadline:\n"
+            "            raise\n"
+            "        time.sleep(0.05)\n"
+        )
+        args = [str(parsed.host), str(parsed.port), str(parsed.username), str(parsed.database)]
+        _run([*self.prefix, sys.executable, "-c", probe, *args])
+
+    def cut(self) -> float:
+        """Take the link down; return ``time.time()`` of the cut."""
+        _ip("-n", self.name, "link", "set", self.inner_if, "down")
+        return time.time()
+
+    def heal(self) -> float:
+        """Bring the link back up; return ``time.time()`` of the heal."""
+        _ip("-n", self.name, "link", "set", self.inner_if, "up")
+        return time.time()
+
+    def close(self) -> None:
+        """Delete the veth pair and the namespace (errors ignored: each may be gone already)."""
+        if not self._created:
+            return
+        _ip("link", "del", self.host_if, check=False)
+        _ip("netns", "del", self.name, check=False)
+        self._created = False
+
+
+def _run(cmd: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(["ip", *args], check=check)
+
+
+def allow_clients_from(server: EmbeddedPostgres, address: str) -> None:
+    """Let clients from ``address`` in (trust, as for 127.0.0.1), then reload the server."""
+    hba = server.directory / "data" / "pg_hba.conf"
+    with hba.open("a") as f:
+        f.write(f"host all all {address}/32 trust\n")
+    admin_execute(server.url, "SELECT pg_reload_conf()")
+
+
 # -- waiting -----------------------------------------------------------------
 
 
@@ -264,12 +485,20 @@ class Fleet:
     """
 
     def __init__(
-        self, database_url: str, log_dir: Path, *args: str, scheduler: str = SCHEDULER
+        self,
+        database_url: str,
+        log_dir: Path,
+        *args: str,
+        scheduler: str = SCHEDULER,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.database_url = database_url
         self.log_dir = log_dir
         self.args = args
         self.scheduler = scheduler
+        #: Run each worker under this command (``ip netns exec NAME``, say); it must exec the
+        #: worker in its own process, so that the pid is the worker's.
+        self.prefix = tuple(prefix)
         self.all: list[WorkerProcess] = []
         self.spawned = 0
 
@@ -295,7 +524,7 @@ class Fleet:
         self.spawned += 1
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [pgotask_executable(), "worker", self.scheduler, *self.args],
+                [*self.prefix, pgotask_executable(), "worker", self.scheduler, *self.args],
                 cwd=PROJECT_ROOT,
                 env=pgotask_env(self.database_url),
                 stdin=subprocess.DEVNULL,
