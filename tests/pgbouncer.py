@@ -10,7 +10,7 @@ printed when it stops (pytest shows it when the test fails).
 in turn rather than the most recently used one first, so that consecutive
 transactions of one client land on different server connections, as they do
 on a busy pool.  :meth:`PgBouncer.warm` opens that many server connections
-first.
+first.  :func:`running` runs a Scheduler's worker in a thread of the test.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
 from sqlalchemy import make_url
+
+from sqla_pgotask import Scheduler, WorkerStats
 
 PoolMode = Literal["session", "transaction"]
 POOL_MODES: tuple[PoolMode, ...] = ("session", "transaction")
@@ -88,18 +91,24 @@ def libpq_dsn(url: str) -> str:
 
 
 class PgBouncer:
-    """A ``pgbouncer`` process in front of the server of ``server_url``, in ``pool_mode``."""
+    """A ``pgbouncer`` in front of the server of ``database_url``, in ``pool_mode``.
 
-    def __init__(self, directory: Path, server_url: str, pool_mode: PoolMode) -> None:
+    Every database name goes to the same database on the server, in
+    ``pool_mode``; :attr:`session_database` goes to ``database_url``'s
+    database in session mode, whatever ``pool_mode``.
+    """
+
+    def __init__(self, directory: Path, database_url: str, pool_mode: PoolMode) -> None:
         binary = pgbouncer_binary()
         if binary is None:
             raise RuntimeError("pgbouncer is not installed")
         self.binary = binary
         self.directory = directory
         self.pool_mode = pool_mode
-        self.server_url = server_url
         self.port = free_port()
-        server = make_url(server_url)
+        server = make_url(database_url)
+        #: Another name for the test database, always in session mode.
+        self.session_database = f"{server.database}_session"
         self.user = server.username or "postgres"
         self.log = directory / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -113,6 +122,7 @@ class PgBouncer:
             f"""
 [databases]
 * = {target}
+{self.session_database} = {target} dbname={server.database} pool_mode=session
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -128,10 +138,15 @@ max_client_conn = 200
         )
         self.config = config
 
-    def url(self, database_url: str, **query: str) -> str:
-        """``database_url`` (a database on the test server) reached through PgBouncer."""
+    def url(self, database_url: str, *, session: bool = False) -> str:
+        """``database_url`` (a database on the test server) through PgBouncer.
+
+        ``session``: through :attr:`session_database`, in session mode.
+        """
         u = make_url(database_url).set(host="127.0.0.1", port=self.port, password=None)
-        return u.update_query_dict(query).render_as_string(hide_password=False)
+        if session:
+            u = u.set(database=self.session_database)
+        return u.render_as_string(hide_password=False)
 
     def start(self) -> PgBouncer:
         """Start the process and wait until it accepts connections."""
@@ -210,3 +225,31 @@ def advisory_lock_holders(database_url: str, key: int) -> int:
         row = conn.execute(_LOCKS_HELD, {"key": key}).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Return once ``predicate()`` is truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def running(scheduler: Scheduler, *, listening: bool = True) -> Iterator[list[WorkerStats]]:
+    """Run ``scheduler`` in a thread until the block ends, LISTEN in effect if ``listening``."""
+    stats: list[WorkerStats] = []
+    thread = threading.Thread(target=lambda: stats.append(scheduler.run()))
+    thread.start()
+    try:
+        wait_until(lambda: scheduler.running_worker is not None, 10, "the worker to start")
+        worker = scheduler.running_worker
+        assert worker is not None
+        if listening:
+            assert worker.listener.wait_connected(10)
+        yield stats
+    finally:
+        scheduler.stop()
+        thread.join(30)
+        assert not thread.is_alive()
