@@ -1,10 +1,13 @@
 """Behind a real PgBouncer, in session and in transaction pool mode.
 
-Enqueueing, wake-ups, retention and cancellation end to end, with the
-application's engine pointed at PgBouncer.  In session mode the worker
-listens through PgBouncer too; in transaction mode it listens on a direct
-connection (``Scheduler(listen=URL)``), or not at all.  The server's own
-view (``pg_locks``, task rows) is read on a direct connection.
+Enqueueing, wake-ups, retention, cancellation, limits and periodic tasks
+end to end, with the application's engine pointed at PgBouncer.  In session
+mode the worker listens through PgBouncer too; in transaction mode it
+listens on a direct connection or a session-mode alias
+(``Scheduler(listen=URL)``), or not at all.  The server's own view
+(``pg_locks``, task rows) is read on a direct connection.  The tests that
+start a pgbouncer are marked ``slow``; ``-s`` prints the figures quoted in
+``docs/reliability.md``.
 
 PgBouncer 1.18 (Debian 12) keeps no prepared statements across server
 connections, so the transaction-mode engine turns psycopg's off.
@@ -198,6 +201,30 @@ def test_an_idle_worker_wakes_promptly_on_commit(
     )
     # Far below the 30 s poll (a few ms; the bound allows for a stalled machine).
     assert max(latencies) < 3.0
+
+
+@pytest.mark.slow  # a pgbouncer process
+def test_limited_and_periodic_tasks_run(
+    app: sessionmaker[Session], listen: bool | str, database_url: str
+) -> None:
+    # Their claims and enqueues use connections of their own: a locked claim
+    # in one pipelined transaction, and the periodic thread's transactions.
+    scheduler = Scheduler(app, poll_interval=0.2, listen=listen)
+    ran: list[str] = []
+
+    @scheduler.handler("limited", max_running=1, rate_limit=(100, 1))
+    def limited(session: Session, task: Task) -> None:
+        ran.append(task.kind)
+
+    @scheduler.periodic(every=1)
+    @scheduler.handler("tick")
+    def tick(session: Session, task: Task) -> None:
+        ran.append(task.kind)
+
+    with running(scheduler):
+        ids = _add(app, *(Task(kind="limited") for _ in range(3)))
+        wait_until(lambda: ran.count("limited") == 3 and "tick" in ran, 10, "the tasks to run")
+    assert _statuses(database_url, ids) == ["succeeded"] * 3
 
 
 # -- retention -------------------------------------------------------------------
