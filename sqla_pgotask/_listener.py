@@ -19,7 +19,12 @@ from collections.abc import Callable, Collection
 
 from sqlalchemy import Engine
 
-from sqla_pgotask._connections import Connection, dedicated_connection, driver_sql
+from sqla_pgotask._connections import (
+    Connection,
+    dedicated_connection,
+    driver_sql,
+    notifications_arrive,
+)
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
@@ -27,6 +32,15 @@ logger = logging.getLogger("sqla_pgotask.worker")
 CHANNEL = "pgotask"
 #: Notified when cancellation of a running task is requested, with its id.
 CANCEL_CHANNEL = "pgotask_cancel"
+
+_UNHEARD = (
+    "LISTEN hears no notifications through this connection: a pooler hands out "
+    "server connections per transaction (PgBouncer in transaction or statement "
+    "pool mode?). This worker does not LISTEN; it finds new tasks by polling "
+    "and cancellations by its heartbeats. Give Scheduler(listen=...) a URL that "
+    "reaches PostgreSQL directly or through a session-mode pool, or listen=False "
+    "(see docs/deployment.md, PgBouncer)"
+)
 
 
 class Listener:
@@ -37,7 +51,9 @@ class Listener:
     (as its row confirms: see the module's docstring).  The worker polls
     and heart-beats anyway, so a lost connection only delays these: the thread
     reconnects with backoff and sets ``wake`` once it is back, since a
-    notification may have been missed meanwhile.
+    notification may have been missed meanwhile.  If its first connection
+    turns out to hear no notifications (a transaction-mode pooler), it
+    warns and ends without listening.
     """
 
     def __init__(
@@ -56,6 +72,7 @@ class Listener:
         self._check_interval = check_interval
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._checked = False
         self._thread = threading.Thread(target=self._run, name="pgotask-listener", daemon=True)
 
     def start(self) -> None:
@@ -77,6 +94,12 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 with dedicated_connection(self._engine) as conn:
+                    if not self._checked:
+                        if not notifications_arrive(conn, self._engine, stopping=self._stopping):
+                            if not self._stopping.is_set():
+                                logger.warning(_UNHEARD)
+                            return
+                        self._checked = True
                     conn.execute(f"LISTEN {CHANNEL}")
                     if self._on_cancel is not None:
                         conn.execute(f"LISTEN {CANCEL_CHANNEL}")

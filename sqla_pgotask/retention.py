@@ -86,9 +86,21 @@ _DELETE_BATCH = text(
 
 _DAY = dt.timedelta(days=1)
 
-# The key of the session advisory lock that lets one worker of the fleet at a
-# time apply retention ("pgotask retention" as ASCII).
+# The key of the advisory lock that lets one worker of the fleet at a time
+# delete ("pgotask retention" as ASCII).
 RETENTION_LOCK = 0x7067_6F74_7265_7400
+
+# Taken by each batch's transaction, and released by its commit or rollback.
+# Not a session lock held for the whole pass: behind a pooler that hands out
+# server connections per transaction (PgBouncer's transaction mode), the lock
+# and its unlock reach different server connections, and the lock stays on a
+# pooled one, blocking every worker's retention until that connection closes.
+# Nor a lease row: it needs a table of its own, and a lease outlives a worker
+# that dies in a pass, where a transaction's lock goes with its connection.
+# A transaction lock leaves nothing behind whatever the pool, and passes
+# still do not overlap: at most one worker deletes at any moment, and one
+# that finds the lock taken ends its pass, leaving the rest to the holder.
+_TAKE_TURN = "SELECT pg_try_advisory_xact_lock(%s)"
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,8 @@ class Retention:
 
     Applied by the workers' maintenance loop every ``interval`` seconds (with
     jitter), by one worker of the fleet at a time (a PostgreSQL advisory
-    lock), in batches of ``batch_size`` rows each committed on its own, for
+    lock that each batch's transaction takes), in batches of ``batch_size``
+    rows each committed on its own, for
     at most ``max_seconds`` per pass (the rest waits for the next pass), so
     it never holds many locks or delays the worker's heartbeats for long.
     """
@@ -134,36 +147,39 @@ class Retention:
 def apply_retention(conn: psycopg.Connection[Any], retention: Retention) -> int | None:
     """One retention pass on a worker's own autocommit connection; how many tasks it deleted.
 
-    ``None`` if another worker is applying retention right now (its lock is
-    held), or if no status is pruned.
+    ``None`` if another worker is deleting right now (its lock is held), or
+    if no status is pruned.  Each batch is a transaction of its own that
+    takes the lock first; the pass ends at a batch that finds it taken.
     """
     periods = retention.periods()
     if not periods:
         return None
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (RETENTION_LOCK,)).fetchone()[0]:  # type: ignore[index]
-        return None
-    total, after = 0, 0
+    total, after, batches = 0, 0, 0
     deadline = time.monotonic() + retention.max_seconds
     params: dict[str, Any] = {
         "statuses": [status.value for status in periods],
         "keep_seconds": [keep.total_seconds() for keep in periods.values()],
         "batch_size": retention.batch_size,
     }
-    try:
-        while True:
+    while True:
+        with conn.transaction():
+            if not conn.execute(_TAKE_TURN, (RETENTION_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                # Another worker's batch: it goes on from there.
+                return None if not batches else _done(total, periods)
             row = conn.execute(driver_sql("retention_batch"), {**params, "after": after}).fetchone()
-            deleted, last_id = row if row is not None else (0, None)
-            total += int(deleted)
-            if deleted < retention.batch_size or last_id is None:
-                break
-            after = int(last_id)
-            if time.monotonic() >= deadline:
-                logger.info(
-                    "retention pass stopped after %.1fs; the rest waits", retention.max_seconds
-                )
-                break
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (RETENTION_LOCK,))
+        batches += 1
+        deleted, last_id = row if row is not None else (0, None)
+        total += int(deleted)
+        if deleted < retention.batch_size or last_id is None:
+            break
+        after = int(last_id)
+        if time.monotonic() >= deadline:
+            logger.info("retention pass stopped after %.1fs; the rest waits", retention.max_seconds)
+            break
+    return _done(total, periods)
+
+
+def _done(total: int, periods: dict[TaskStatus, dt.timedelta]) -> int:
     if total:
         logger.info(
             "retention: deleted %d finished tasks (%s)",

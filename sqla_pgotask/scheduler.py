@@ -28,8 +28,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, overload
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import URL, Connection, Engine, create_engine, func, make_url, select
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._connection_slots import when_admitted
@@ -95,6 +97,15 @@ class Scheduler:
     tasks 1 day, failed ones 14 days); the workers' maintenance loop deletes
     older ones in small batches.  ``None``: workers delete nothing.
 
+    ``listen``: where workers ``LISTEN`` for new tasks and cancellation
+    requests.  ``True``: on a connection of the application's engine.  A
+    database URL (or an ``Engine``): on a connection of its own to it, while
+    everything else goes through the application's engine; for an engine
+    behind PgBouncer in transaction mode, point it at PostgreSQL directly or
+    at a session-mode pool.  ``False``: no ``LISTEN``; workers find new
+    tasks by polling every ``poll_interval`` and cancellation requests by
+    their heartbeats (see ``docs/deployment.md``).
+
     ``middleware``: functions ``fn(call_next, session, task)`` wrapped around
     every handler attempt, the first outermost; ``on_outcome``: functions
     ``fn(ctx, outcome, error)`` called after each attempt's outcome
@@ -117,6 +128,7 @@ class Scheduler:
         batch_size: int = 100,
         batch_window: float = 0.1,
         retention: Retention | None = DEFAULT_RETENTION,
+        listen: bool | str | URL | Engine = True,
         middleware: Sequence[Middleware] = (),
         on_outcome: Sequence[OutcomeHook] = (),
     ) -> None:
@@ -135,7 +147,9 @@ class Scheduler:
             timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
             batch=_batch_limits(batch_size, batch_window),
             retention=_retention(retention),
+            listen=listen is not False,
         )
+        self._listen_engine = _listen_engine(listen)
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
         self._workers: list[Worker] = []
@@ -461,6 +475,7 @@ class Scheduler:
             timing=current.timing,
             batch=current.batch,
             retention=current.retention,
+            listen=current.listen,
         )
         self._require_handlers()
         if lanes is None:
@@ -494,6 +509,7 @@ class Scheduler:
                     schedules=plan_schedules,
                     queue_limits=self._queue_limits,
                     hooks=self.hooks,
+                    listen_engine=self._listen_engine,
                 )
                 for plan, plan_schedules in zip(plans, schedules, strict=True)
             ]
@@ -713,6 +729,7 @@ def _settings(
     timing: Timing,
     batch: BatchLimits,
     retention: Retention | None,
+    listen: bool,
 ) -> WorkerSettings:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
@@ -733,7 +750,38 @@ def _settings(
         timing=timing,
         batch=batch,
         retention=retention,
+        listen=listen,
     )
+
+
+def _listen_engine(listen: object) -> Engine | None:
+    """The engine of the LISTEN connection that ``listen`` names; ``None``: the application's."""
+    if isinstance(listen, bool):
+        return None
+    if isinstance(listen, Engine):
+        try:
+            require_psycopg(listen)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"listen: {exc}") from None
+        return listen
+    if not isinstance(listen, str | URL):
+        raise ConfigurationError(
+            f"listen must be True, False, a database URL or an Engine, not {type(listen).__name__}"
+        )
+    try:
+        url = make_url(listen)
+        dialect = f"{url.get_backend_name()}+{url.get_driver_name()}"
+    except ArgumentError:  # not echoed: it may hold a password
+        raise ConfigurationError(
+            "listen: not a database URL (expected one like postgresql+psycopg://user@host/db)"
+        ) from None
+    if dialect != "postgresql+psycopg":
+        raise ConfigurationError(
+            "listen: sqla_pgotask needs PostgreSQL through the psycopg 3 driver (a "
+            f"'postgresql+psycopg://' URL), not {dialect}"
+        )
+    # One connection, held for the worker's life: nothing to pool.
+    return create_engine(url, poolclass=NullPool)
 
 
 def _retention(retention: object) -> Retention | None:

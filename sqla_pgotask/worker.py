@@ -85,6 +85,8 @@ class WorkerSettings:
     batch: BatchLimits = field(default_factory=BatchLimits)
     #: How long finished tasks are kept; ``None``: this worker deletes none.
     retention: Retention | None = None
+    #: Whether the worker LISTENs for new tasks and cancellations (else it polls).
+    listen: bool = True
 
 
 @dataclass
@@ -166,6 +168,7 @@ class Worker:
         schedules: Sequence[Schedule] = (),
         queue_limits: Mapping[str, QueueLimit] | None = None,
         hooks: Hooks = NO_HOOKS,
+        listen_engine: Engine | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.hooks = hooks
@@ -205,7 +208,10 @@ class Worker:
             else LimitedClaims(engine, plan, poll_interval=settings.poll_interval, wake=self._wake)
         )
         notice = self._wake if self._limited is None else self._limited.notice
-        self.listener = Listener(engine, notice, settings.queues, self._cancel_requested)
+        # Started only if settings.listen; on listen_engine, if given.
+        self.listener = Listener(
+            listen_engine or engine, notice, settings.queues, self._cancel_requested
+        )
         self.maintenance = Maintenance(
             engine,
             self.identity,
@@ -234,7 +240,8 @@ class Worker:
         with self.session_factory.begin() as session:
             session.execute(query("register_worker"), self.identity.params())
         try:
-            self.listener.start()
+            if self.settings.listen:
+                self.listener.start()
             self.maintenance.start()
             if self.periodic is not None:
                 self.periodic.start()

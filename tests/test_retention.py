@@ -101,6 +101,11 @@ def test_one_worker_of_the_fleet_at_a_time(
     old = _add(engine, TaskStatus.SUCCEEDED, days_ago=2)
     other = dedicated_connection(engine)
     try:
+        # Another worker's batch, in its transaction.
+        with other.transaction():
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (RETENTION_LOCK,))
+            assert apply_retention(conn, Retention()) is None
+        # A worker of an older version, which held a session lock for its pass.
         other.execute("SELECT pg_advisory_lock(%s)", (RETENTION_LOCK,))
         assert apply_retention(conn, Retention()) is None
         assert _ids(engine) == set(old)
@@ -108,8 +113,11 @@ def test_one_worker_of_the_fleet_at_a_time(
     finally:
         other.close()
     assert apply_retention(conn, Retention()) == 1
-    # The pass let go of its lock.
-    assert conn.execute("SELECT pg_try_advisory_lock(%s)", (RETENTION_LOCK,)).fetchone() == (True,)
+    # Nothing is left locked, on this connection or any other.
+    with engine.connect() as c:
+        held = c.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+        assert held.scalar_one() == 0
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def test_a_pass_is_bounded_in_time_and_the_next_one_goes_on(
