@@ -621,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sqla_pgotask._admin_cli import add_commands
 
     add_commands(commands)
+    from sqla_pgotask._alembic_cli import add_command as add_alembic_command
+
+    add_alembic_command(commands)  # alembic setup (see docs/alembic.md)
     return parser
 
 

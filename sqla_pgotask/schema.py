@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +15,26 @@ _HOW_TO_UPGRADE = (
     f"add {VERSION_LOCATION!r} to version_locations in alembic.ini and run "
     "'alembic upgrade heads' (plural: the library's revisions are a branch of their own)"
 )
+
+
+def _how_to_upgrade() -> str:
+    """The command to run; and first the fix, when ``alembic.ini`` here hides our revisions.
+
+    The worker usually starts where ``alembic`` runs, so the ``alembic.ini`` that
+    Alembic would read is a good guess at why the schema is missing: with
+    ``path_separator = os`` the library's revisions are silently left out.
+    """
+    from sqla_pgotask.alembic_setup import version_locations_problem
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            problem = version_locations_problem()
+    except Exception:  # a guess at a cause must never hide the error itself
+        problem = None
+    if problem is None:
+        return _HOW_TO_UPGRADE
+    return f"{problem}, then run 'alembic upgrade heads'"
 
 
 def schema_revision(session_factory: sessionmaker[Session]) -> str | None:
@@ -33,12 +55,12 @@ def check_schema(session_factory: sessionmaker[Session]) -> None:
         return
     if found is None:
         raise SchemaError(
-            f"the sqla_pgotask tables are not installed in this database: {_HOW_TO_UPGRADE}"
+            f"the sqla_pgotask tables are not installed in this database: {_how_to_upgrade()}"
         )
     if found in REVISIONS:
         raise SchemaError(
             f"the sqla_pgotask schema is at revision {found!r}, this version needs "
-            f"{HEAD_REVISION!r}: {_HOW_TO_UPGRADE}"
+            f"{HEAD_REVISION!r}: {_how_to_upgrade()}"
         )
     raise SchemaError(
         f"the sqla_pgotask schema is at revision {found!r}, which this version of "
