@@ -138,7 +138,6 @@ class QueueDepthReader:
 
     def stuck_slots(self) -> dict[str, int]:
         """Each registered worker's stuck handler threads, as of the last :meth:`read`."""
-        self.read()
         with self._lock:
             return dict(self._stuck)
 
@@ -150,7 +149,7 @@ class QueueDepthReader:
                 stuck = session.execute(query("metrics_stuck_slots"), bind_arguments=TASK_BIND)
                 # A worker gone since the last read falls to 0, then out.
                 self._stuck = {worker: 0 for worker, n in self._stuck.items() if n} | {
-                    worker: n for worker, n in stuck.tuples()
+                    worker: n for worker, n in stuck.all()
                 }
         except Exception:
             logger.warning("could not read the queue depth for metrics", exc_info=True)

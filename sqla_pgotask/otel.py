@@ -272,6 +272,7 @@ class _QueueGauges:
                 )
 
     def stuck_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+        self.reader.read()
         for worker, count in self.reader.stuck_slots().items():
             yield Observation(count, {"pgotask.worker": worker})
 

@@ -254,5 +254,5 @@ class _QueueGaugeWriter:
             for state, count in row.counts().items():
                 self.tasks.labels(row.queue, row.kind, state).set(count)
             self.age.labels(row.queue, row.kind).set(row.oldest_due_seconds)
-        for worker, count in self.reader.stuck_slots().items():
+        for worker, count in self.reader.stuck_slots().items():  # as of that read
             self.stuck.labels(worker).set(count)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import ConfigurationError, Scheduler, Task, TaskStatus, prometheus
@@ -240,6 +240,28 @@ def test_queue_gauges_are_cached_for_the_interval(
     _add(session_factory, Task(kind="ok"))
     # Not read again within the hour.
     assert _value(registry, QUEUE_TASKS, queue="default", kind="ok", state="due") == 1
+
+
+def test_stuck_slots_gauge_reports_each_worker_and_falls_to_zero(
+    session_factory: sessionmaker[Session],
+) -> None:
+    registry = CollectorRegistry()
+    scheduler = _scheduler(session_factory)
+    prometheus.instrument(scheduler, registry=registry, queue_metrics_interval=0)
+    with session_factory.begin() as session:
+        session.execute(
+            text(
+                "INSERT INTO pgotask_worker (id, host, pid, node, kinds, concurrency, stuck_slots) "
+                "VALUES ('w1', 'h', 1, 'n', '{ok}', 4, 2), ('w2', 'h', 2, 'n', '{ok}', 4, 0)"
+            )
+        )
+    stuck = "pgotask_worker_stuck_slots"
+    assert _value(registry, stuck, worker="w1") == 2
+    assert _value(registry, stuck, worker="w2") == 0
+    with session_factory.begin() as session:
+        session.execute(text("DELETE FROM pgotask_worker WHERE id = 'w1'"))
+    assert _value(registry, stuck, worker="w1") == 0  # gone: falls to 0, then out
+    assert _value(registry, stuck, worker="w1") is None
 
 
 def _scrape(url: str) -> str:
