@@ -307,7 +307,7 @@ class Worker:
             if usable <= 0:
                 self._all_stuck()
                 return
-            capacity = self.capacity(usable) if stuck else self.capacity()
+            capacity = self.capacity(usable)
             with self._lock:
                 # Tasks held by stuck threads take no capacity: they are not
                 # ours any more (their lease ran out) and will not return soon.
