@@ -28,6 +28,7 @@ work in batches, each a short transaction of its own.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -461,8 +462,16 @@ def health(
                     "no due task waiting"
                     if oldest is None
                     else f"oldest due task {oldest.id} ({oldest.kind}, queue {oldest.queue}) "
-                    f"has waited {age:.0f}s" + (f", over the {max_age:g}s allowed" if late else ""),
+                    f"has waited {_waited(age)}"
+                    + (f", over the {max_age:g}s allowed" if late else ""),
                     {"oldest_due_seconds": age, "task_id": None if oldest is None else oldest.id},
                 )
             )
     return HealthReport(checks)
+
+
+def _waited(age: float | None) -> str:
+    if age is None:
+        return "-"
+    # A run_at of '-infinity' (plain SQL may insert one) is an infinite age.
+    return "forever" if math.isinf(age) else f"{age:.0f}s"

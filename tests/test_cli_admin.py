@@ -29,9 +29,6 @@ from sqla_pgotask.admin import (
 )
 from sqla_pgotask.models import RegisteredWorker
 from tests.processes import run_pgotask
-from tests.test_prune import closed_port_url
-
-__all__ = ["closed_port_url"]  # a fixture, used by name
 
 AGO = dt.timedelta(minutes=10)
 
@@ -78,16 +75,23 @@ def _status(session_factory: sessionmaker[Session], task_id: int) -> Task:
         return task
 
 
-def _worker(session_factory: sessionmaker[Session], *, heartbeat_ago: dt.timedelta) -> None:
+def _worker(
+    session_factory: sessionmaker[Session],
+    *,
+    heartbeat_ago: dt.timedelta,
+    name: str = "host:1:abc",
+    kinds: list[str] | None = None,
+    queues: list[str] | None = None,
+) -> None:
     with session_factory.begin() as session:
         session.add(
             RegisteredWorker(
-                id="host:1:abc",
+                id=name,
                 host="host",
                 pid=1,
                 node="n",
-                kinds=["job"],
-                queues=None,
+                kinds=["job"] if kinds is None else kinds,
+                queues=queues,
                 concurrency=1,
                 last_heartbeat_at=func.now() - heartbeat_ago,
             )
@@ -565,6 +569,46 @@ def test_cli_without_database_url(args: list[str]) -> None:
     done = run_pgotask(args, None)
     assert done.returncode == 2, done.stderr
     assert "no database URL: pass --database-url or set PGOTASK_DATABASE_URL" in done.stderr
+
+
+# Characters that move the cursor, clear the screen, set the title or reverse the text.
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\rX\x08\x9b31m\u202eevil"
+CONTROL = {"\x1b", "\x07", "\r", "\x08", "\x9b", "\u202e"}
+
+
+def test_terminal_output_escapes_control_characters(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    _worker(session_factory, heartbeat_ago=dt.timedelta(seconds=1))
+    (task_id,) = _add(session_factory, Task(kind=f"k{HOSTILE}", queue=f"q{HOSTILE}"))
+    with session_factory.begin() as session:
+        session.add(
+            TaskError(
+                task_id=task_id,
+                attempt=1,
+                exception_type=f"E{HOSTILE}",
+                message=f"m{HOSTILE}\nsecond line",
+                traceback=f"Traceback (most recent call last):\n  File {HOSTILE}\n",
+                worker=f"w{HOSTILE}",
+            )
+        )
+    assert run_pgotask(["queue", "pause", f"q{HOSTILE}"], database_url).returncode == 0
+    for args in (["list"], ["stats"], ["show", str(task_id)], ["queue", "list"]):
+        done = run_pgotask(args, database_url)
+        assert done.returncode in (0, 1), done.stderr
+        printed = done.stdout + done.stderr
+        assert not CONTROL & set(printed), (args, printed)
+        assert "\\x1b[2J\\x1b]0;owned\\x07\\rX\\x08\\x9b31m\\u202eevil" in printed, args
+    shown = run_pgotask(["show", str(task_id)], database_url).stdout
+    assert "\\u202eevil\\nsecond line\n" in shown  # one error message, one line
+    # --json: exactly what the database holds.
+    found = _json(run_pgotask(["show", str(task_id), "--json"], database_url))
+    assert (found["kind"], found["queue"]) == (f"k{HOSTILE}", f"q{HOSTILE}")
+    error = found["errors"][0]
+    assert (error["exception_type"], error["worker"]) == (f"E{HOSTILE}", f"w{HOSTILE}")
+    assert error["message"] == f"m{HOSTILE}\nsecond line"
+    listed = _json(run_pgotask(["list", "--json"], database_url))
+    assert listed[0]["kind"] == f"k{HOSTILE}"
 
 
 def test_help_everywhere() -> None:
