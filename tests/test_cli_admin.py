@@ -407,7 +407,8 @@ def test_health(session_factory: sessionmaker[Session]) -> None:
     assert [(c.name, c.data) for c in report.problems] == [("stuck", {"count": 1, "ids": [stuck]})]
     with session_factory.begin() as session:
         session.execute(text("DELETE FROM pgotask_task"))
-    _add(session_factory, Task(kind="a", run_at=func.now() - dt.timedelta(minutes=3)))
+    # A kind the live worker handles (see test_check_names_kinds_no_live_worker_handles).
+    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     assert health(session_factory, max_age=3600).ok
     report = health(session_factory, max_age=60)
     assert [c.name for c in report.problems] == ["backlog"]
@@ -427,11 +428,11 @@ def test_cli_check(database_url: str, session_factory: sessionmaker[Session]) ->
     done = run_pgotask(["check", "--json"], database_url)
     found = _json(done)
     assert found["ok"] is True
-    assert [c["name"] for c in found["checks"]] == ["schema", "workers", "stuck"]
+    assert [c["name"] for c in found["checks"]] == ["schema", "workers", "handlers", "stuck"]
     assert found["checks"][1]["live"] == 1
 
     _add(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
-    _add(session_factory, Task(kind="a", run_at=func.now() - dt.timedelta(minutes=3)))
+    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     done = run_pgotask(["check", "--stuck-after", "2m", "--max-age", "1m", "--json"], database_url)
     assert done.returncode == 1
     found = json.loads(done.stdout)
@@ -450,6 +451,55 @@ def test_cli_check_unmigrated_database(empty_database_url: str) -> None:
     finally:
         engine.dispose()
     assert not report.schema_ok and [c.name for c in report.checks] == ["schema"]
+
+
+def test_check_names_kinds_no_live_worker_handles(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    second = dt.timedelta(seconds=1)
+    _worker(session_factory, heartbeat_ago=second)  # kind 'job', every queue
+    _worker(session_factory, heartbeat_ago=second, name="h:2", kinds=["mail"], queues=["emails"])
+    # A dead worker's handlers run nothing.
+    _worker(session_factory, heartbeat_ago=dt.timedelta(minutes=10), name="h:3", kinds=["report"])
+    _add(
+        session_factory,
+        Task(kind="job"),
+        Task(kind="job", queue="anywhere"),
+        Task(kind="mail", queue="emails"),
+        Task(kind="report"),
+        Task(kind="report"),
+        Task(kind="mail"),  # the mail worker serves 'emails' only
+        Task(kind="later", run_at=func.now() + dt.timedelta(hours=1)),  # not due
+        _failed("gone"),  # not pending
+    )
+    done = run_pgotask(["check", "--json"], database_url)
+    assert done.returncode == 1, done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["workers"]["ok"] and not checks["handlers"]["ok"]
+    assert checks["handlers"]["unhandled"] == [
+        {"kind": "report", "queue": "default", "due": 2},
+        {"kind": "mail", "queue": "default", "due": 1},
+    ]
+    assert (
+        "pgotask: unhealthy: handlers: no live worker handles kind 'report' in queue 'default' "
+        "(2 due tasks), kind 'mail' in queue 'default' (1 due task)\n"
+    ) in done.stderr
+
+    with session_factory.begin() as session:
+        session.execute(text("DELETE FROM pgotask_task WHERE kind IN ('report', 'mail')"))
+    done = run_pgotask(["check"], database_url)
+    assert done.returncode == 0, done.stderr
+    assert "ok   handlers: every due task has a live worker to run it" in done.stdout
+
+    # No live worker at all: the workers check fails and says why, alone.
+    with session_factory.begin() as session:
+        session.execute(
+            text("UPDATE pgotask_worker SET last_heartbeat_at = now() - '1h'::interval")
+        )
+    report = health(session_factory)
+    assert [c.name for c in report.problems] == ["workers"]
+    assert "handlers" not in [c.name for c in report.checks]
+    assert "handlers" not in [c.name for c in health(session_factory, worker_timeout=None).checks]
 
 
 # -- enqueue -------------------------------------------------------------------------
@@ -593,7 +643,7 @@ def test_terminal_output_escapes_control_characters(
             )
         )
     assert run_pgotask(["queue", "pause", f"q{HOSTILE}"], database_url).returncode == 0
-    for args in (["list"], ["stats"], ["show", str(task_id)], ["queue", "list"]):
+    for args in (["list"], ["stats"], ["show", str(task_id)], ["check"], ["queue", "list"]):
         done = run_pgotask(args, database_url)
         assert done.returncode in (0, 1), done.stderr
         printed = done.stdout + done.stderr

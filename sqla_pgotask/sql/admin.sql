@@ -136,3 +136,26 @@ FROM pgotask_task
 WHERE status = 'pending' AND run_at <= now()
 ORDER BY run_at, id
 LIMIT 1
+
+-- name: admin_unhandled_due
+-- Due pending tasks that no live worker claims: no worker with a heartbeat
+-- in the last :timeout_seconds has a handler for the task's kind while
+-- serving its queue (NULL queues: every queue).  Counted per (kind, queue),
+-- at most :limit of them, the largest first.
+WITH due AS (
+    SELECT kind, queue, count(*) AS due
+    FROM pgotask_task
+    WHERE status = 'pending' AND run_at <= now()
+    GROUP BY kind, queue
+)
+SELECT kind, queue, due, count(*) OVER () AS total
+FROM due
+WHERE NOT EXISTS (
+    SELECT 1
+    FROM pgotask_worker AS w
+    WHERE w.last_heartbeat_at >= now() - make_interval(secs => :timeout_seconds)
+      AND due.kind = ANY (w.kinds)
+      AND (w.queues IS NULL OR due.queue = ANY (w.queues))
+)
+ORDER BY due DESC, kind, queue
+LIMIT :limit
