@@ -19,6 +19,24 @@ from typing import Any, TextIO
 
 from sqlalchemy import func
 
+from sqla_pgotask._cli_arguments import (
+    MAX_BATCH,
+    duration,
+    int4,
+    non_empty,
+    payload,
+    positive_duration,
+    positive_int4,
+    positive_seconds,
+    queue_name,
+    run_at,
+    seconds_or_duration,
+    shown,
+    task_id,
+    text,
+    whole_number,
+)
+from sqla_pgotask._cli_output import dump_json, terminal_text
 from sqla_pgotask.admin import (
     LIVE_STATUSES,
     TaskFilter,
@@ -34,13 +52,8 @@ from sqla_pgotask.cli import (
     EXIT_OK,
     EXIT_SCHEMA,
     UsageError,
-    _duration,
-    _positive_float,
-    _positive_int,
-    _queue_name,
     batch_size_option,
     database_options,
-    non_empty,
     sessions,
 )
 from sqla_pgotask.models import Task, TaskStatus
@@ -59,6 +72,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if not math.isfinite(seconds):  # since -infinity
+        return "forever"
     seconds = max(seconds, 0.0)
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
         if seconds >= size:
@@ -67,7 +82,7 @@ def _age(seconds: float | None) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    cells = [[str(c) for c in headers], *([str(c) for c in row] for row in rows)]
+    cells = [[str(c) for c in headers], *([terminal_text(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
@@ -150,7 +165,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stats = queue_stats(session)
     if args.json:
         print(
-            json.dumps(
+            dump_json(
                 {
                     "rows": [
                         {k: v for k, v in vars(r).items() if k != "finished_recently"}
@@ -210,7 +225,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             for t in tasks
         ]
     if args.json:
-        print(json.dumps(found))
+        print(dump_json(found))
     elif not rows:
         print("no matching tasks")
     else:
@@ -227,7 +242,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         if task is None:
             print(f"pgotask: error: no task with id {args.id}", file=sys.stderr)
             return EXIT_ERROR
-        shown = _task_dict(task)
+        columns = _task_dict(task)
         errors: list[dict[str, Any]] = [
             {
                 "attempt": e.attempt,
@@ -240,30 +255,33 @@ def cmd_show(args: argparse.Namespace) -> int:
             for e in task.errors
         ]
     if args.json:
-        print(json.dumps(shown | {"errors": errors}))
+        print(dump_json(columns | {"errors": errors}))
         return EXIT_OK
-    for name, value in shown.items():
+    for name, value in columns.items():
         if name in ("payload", "result"):
             continue
-        print(f"{name + ':':<21}{'-' if value is None else value}")
+        print(f"{name + ':':<21}{'-' if value is None else terminal_text(value)}")
     print("payload:")
-    print(_indent(json.dumps(shown["payload"], indent=2, sort_keys=True)))
-    if shown["result"] is not None:
+    print(_indent(dump_json(columns["payload"], indent=2, sort_keys=True)))
+    if columns["result"] is not None:
         print("result:")
-        print(_indent(json.dumps(shown["result"], indent=2, sort_keys=True)))
+        print(_indent(dump_json(columns["result"], indent=2, sort_keys=True)))
     print(f"errors: {len(errors) or 'none'}")
     for error in errors:
         print(
-            f"  attempt {error['attempt']} at {error['created_at']} on {error['worker'] or '-'}: "
-            f"{error['exception_type']}: {error['message']}"
+            terminal_text(
+                f"  attempt {error['attempt']} at {error['created_at']} on "
+                f"{error['worker'] or '-'}: {error['exception_type']}: {error['message']}"
+            )
         )
         if error["traceback"]:
             print(_indent(error["traceback"].rstrip("\n"), "    "))
     return EXIT_OK
 
 
-def _indent(text: str, prefix: str = "  ") -> str:
-    return "\n".join(prefix + line for line in text.splitlines())
+def _indent(lines: str, prefix: str = "  ") -> str:
+    """``lines`` indented, each one safe for a terminal (``\\r`` and the like escaped)."""
+    return "\n".join(prefix + terminal_text(line) for line in lines.split("\n"))
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -306,10 +324,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     else:
         noun = "task" if len(result.retried) == 1 else "tasks"
         print(f"retried {len(result.retried)} {noun} (each gets {args.attempts} more attempt(s))")
-        for task_id in result.skipped_duplicates:
-            print(f"skipped task {task_id}: a pending or running task has its kind and dedup_key")
-        for task_id in result.not_retryable:
-            print(f"skipped task {task_id}: no failed or cancelled task with this id")
+        for number in result.skipped_duplicates:
+            print(f"skipped task {number}: a pending or running task has its kind and dedup_key")
+        for number in result.not_retryable:
+            print(f"skipped task {number}: no failed or cancelled task with this id")
     if ids and (result.skipped_duplicates or result.not_retryable):
         return EXIT_ERROR
     return EXIT_OK
@@ -354,8 +372,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             f"cancelled {len(result.cancelled)} pending task(s); "
             f"requested cancellation of {len(result.requested)} running task(s)"
         )
-        for task_id in result.not_cancellable:
-            print(f"skipped task {task_id}: no pending or running task with this id")
+        for number in result.not_cancellable:
+            print(f"skipped task {number}: no pending or running task with this id")
     return EXIT_ERROR if ids and result.not_cancellable else EXIT_OK
 
 
@@ -371,58 +389,53 @@ def cmd_check(args: argparse.Namespace) -> int:
     code = EXIT_OK if report.ok else EXIT_SCHEMA if not report.schema_ok else EXIT_ERROR
     if args.json:
         checks = [{"name": c.name, "ok": c.ok, "detail": c.detail, **c.data} for c in report.checks]
-        print(json.dumps({"ok": report.ok, "checks": checks}))
+        print(dump_json({"ok": report.ok, "checks": checks}))
     else:
         for check in report.checks:
-            print(f"{'ok' if check.ok else 'FAIL':<5}{check.name}: {check.detail}")
+            print(f"{'ok' if check.ok else 'FAIL':<5}{check.name}: {terminal_text(check.detail)}")
     if not report.ok:
         for problem in report.problems:
-            print(f"pgotask: unhealthy: {problem.name}: {problem.detail}", file=sys.stderr)
+            print(
+                f"pgotask: unhealthy: {problem.name}: {terminal_text(problem.detail)}",
+                file=sys.stderr,
+            )
     return code
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """Add one task (as an application would), and print its id."""
-    run_at: dt.datetime | dt.timedelta | None = args.run_at
+    when: dt.datetime | dt.timedelta | None = args.run_at
     task = Task(kind=args.kind, payload=args.payload, queue=args.queue, priority=args.priority)
     if args.dedup_key is not None:
         task.dedup_key = args.dedup_key
     if args.max_attempts is not None:
         task.max_attempts = args.max_attempts
-    if isinstance(run_at, dt.timedelta):
-        task.run_at = func.now() + run_at  # the database's clock
-    elif run_at is not None:
-        task.run_at = run_at
+    if isinstance(when, dt.timedelta):
+        task.run_at = func.now() + when  # the database's clock
+    elif when is not None:
+        task.run_at = when
     with sessions(args) as factory, factory.begin() as session:
         session.add(task)
         session.flush()
         session.refresh(task)
-        task_id, duplicate_of, due = task.id, task.duplicate_of, task.run_at
+        new_id, duplicate_of, due = task.id, task.duplicate_of, task.run_at
     if args.json:
-        print(json.dumps({"id": task_id, "duplicate_of": duplicate_of, "run_at": _iso(due)}))
+        print(dump_json({"id": new_id, "duplicate_of": duplicate_of, "run_at": _iso(due)}))
     elif duplicate_of is not None:
         print(
             f"duplicate of task {duplicate_of} (same kind and dedup_key): nothing to run "
-            f"(task {task_id} is stored cancelled)"
+            f"(task {new_id} is stored cancelled)"
         )
     else:
-        print(f"enqueued task {task_id} ({args.kind}, queue {args.queue}, run_at {_when(due)})")
+        print(
+            terminal_text(
+                f"enqueued task {new_id} ({args.kind}, queue {args.queue}, run_at {_when(due)})"
+            )
+        )
     return EXIT_OK
 
 
 # -- argument types ---------------------------------------------------------------
-
-
-def _task_id(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a task id (a whole number), got {value!r}"
-        ) from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"a task id is at least 1, got {number}")
-    return number
 
 
 def _status(allowed: Sequence[TaskStatus]) -> Any:
@@ -433,65 +446,18 @@ def _status(allowed: Sequence[TaskStatus]) -> Any:
             status = TaskStatus(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"unknown status {value!r} (choose from {names})"
+                f"unknown status {shown(value)} (choose from {names})"
             ) from None
         if status not in allowed:
-            raise argparse.ArgumentTypeError(f"expected one of {names}, got {value!r}")
+            raise argparse.ArgumentTypeError(f"expected one of {names}, got {shown(value)}")
         return status
 
     return parse
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _payload(value: str) -> Any:
-    try:
-        return json.loads(value, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"the payload is not valid JSON: {exc}") from None
-
-
-def _run_at(value: str) -> dt.datetime | dt.timedelta:
-    """``+30s``/``+15m``/``+2h``/``+1d`` (from now), or an ISO 8601 time with a time zone."""
-    text = value.strip()
-    if text.startswith("+"):
-        return _duration(text[1:])
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an ISO 8601 time with a time zone (2030-01-31T09:00:00+01:00 or ...Z) "
-            f"or a delay like +30s, +15m, +2h, +1d; got {value!r}"
-        ) from None
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} has no time zone: add one (+00:00, Z, +01:00, ...)"
-        )
-    return when
-
-
 _kind = non_empty("the task kind")
 _dedup_key = non_empty("the dedup key")
-
-
-def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-
-
-def _seconds_or_duration(value: str) -> float:
-    """``60`` (seconds) or a duration like ``30s``, ``5m``."""
-    try:
-        number = float(value)
-    except ValueError:
-        return _duration(value).total_seconds()
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value!r}")
-    return number
+_kind_filter = text("a task kind")
 
 
 # -- parser ------------------------------------------------------------------------
@@ -506,13 +472,15 @@ def _filters(parser: argparse.ArgumentParser, *, statuses: Sequence[TaskStatus] 
             metavar="STATUS",
             help=f"{', '.join(s.value for s in statuses)} (repeatable)",
         )
-    parser.add_argument("--kind", action="append", metavar="KIND", help="task kind (repeatable)")
     parser.add_argument(
-        "--queue", action="append", type=_queue_name, metavar="Q", help="queue (repeatable)"
+        "--kind", action="append", type=_kind_filter, metavar="KIND", help="task kind (repeatable)"
+    )
+    parser.add_argument(
+        "--queue", action="append", type=queue_name, metavar="Q", help="queue (repeatable)"
     )
     parser.add_argument(
         "--older-than",
-        type=_duration,
+        type=duration,
         default=None,
         metavar="AGE",
         help="created more than AGE ago: 30s, 15m, 12h, 7d",
@@ -534,7 +502,11 @@ def add_commands(commands: Any) -> None:
     )
     _filters(listing, statuses=all_statuses)
     listing.add_argument(
-        "--limit", type=_positive_int, default=50, metavar="N", help="at most N tasks (default: 50)"
+        "--limit",
+        type=whole_number(1, MAX_BATCH),
+        default=50,
+        metavar="N",
+        help=f"at most N tasks, N up to {MAX_BATCH} (default: 50)",
     )
     database_options(listing)
     listing.set_defaults(func=cmd_list)
@@ -542,14 +514,14 @@ def add_commands(commands: Any) -> None:
     show = commands.add_parser(
         "show", help="show one task and its errors", description=cmd_show.__doc__
     )
-    show.add_argument("id", type=_task_id, help="the task id")
+    show.add_argument("id", type=task_id, help="the task id")
     database_options(show)
     show.set_defaults(func=cmd_show)
 
     retry = commands.add_parser(
         "retry", help="run failed or cancelled tasks again", description=cmd_retry.__doc__
     )
-    retry.add_argument("ids", nargs="*", type=_task_id, metavar="ID", help="task ids")
+    retry.add_argument("ids", nargs="*", type=task_id, metavar="ID", help="task ids")
     retry.add_argument(
         "--failed", action="store_true", help="retry every failed task matching the filters"
     )
@@ -559,7 +531,7 @@ def add_commands(commands: Any) -> None:
     _filters(retry, statuses=None)
     retry.add_argument(
         "--attempts",
-        type=_positive_int,
+        type=positive_int4,
         default=1,
         metavar="N",
         help="attempts each task gets: max_attempts becomes attempts + N (default: 1)",
@@ -571,7 +543,7 @@ def add_commands(commands: Any) -> None:
     cancel = commands.add_parser(
         "cancel", help="cancel pending or running tasks", description=cmd_cancel.__doc__
     )
-    cancel.add_argument("ids", nargs="*", type=_task_id, metavar="ID", help="task ids")
+    cancel.add_argument("ids", nargs="*", type=task_id, metavar="ID", help="task ids")
     _filters(cancel, statuses=LIVE_STATUSES)
     cancel.add_argument(
         "--all", action="store_true", help="every pending and running task (no filter)"
@@ -585,7 +557,7 @@ def add_commands(commands: Any) -> None:
     )
     check.add_argument(
         "--worker-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         default=60.0,
         metavar="S",
         help="a worker is alive if it sent a heartbeat in the last S seconds (default: 60)",
@@ -593,14 +565,14 @@ def add_commands(commands: Any) -> None:
     check.add_argument("--no-workers", action="store_true", help="do not require a live worker")
     check.add_argument(
         "--stuck-after",
-        type=_seconds_or_duration,
+        type=seconds_or_duration,
         default=60.0,
         metavar="S",
         help="a running task is stuck when its lease expired over S seconds ago (default: 60)",
     )
     check.add_argument(
         "--max-age",
-        type=_duration,
+        type=positive_duration,
         default=None,
         metavar="AGE",
         help="fail if a due task has waited longer than AGE (30s, 15m, ...; default: no limit)",
@@ -611,25 +583,27 @@ def add_commands(commands: Any) -> None:
     enqueue = commands.add_parser("enqueue", help="add a task", description=cmd_enqueue.__doc__)
     enqueue.add_argument("kind", type=_kind, help="the task kind")
     enqueue.add_argument(
-        "--payload", type=_payload, default={}, metavar="JSON", help="JSON payload (default: {})"
+        "--payload", type=payload, default={}, metavar="JSON", help="JSON payload (default: {})"
     )
     enqueue.add_argument(
         "--run-at",
-        type=_run_at,
+        type=run_at,
         default=None,
         metavar="WHEN",
         help="ISO 8601 time with a time zone, or a delay: +30s, +15m, +2h, +1d (default: now)",
     )
     enqueue.add_argument(
-        "--queue", type=_queue_name, default="default", help="queue (default: default)"
+        "--queue", type=queue_name, default="default", help="queue (default: default)"
     )
-    enqueue.add_argument("--priority", type=_int, default=0, help="higher runs first (default: 0)")
+    enqueue.add_argument(
+        "--priority", type=int4, default=0, help="higher runs first (default: 0; a 32-bit integer)"
+    )
     enqueue.add_argument(
         "--dedup-key", type=_dedup_key, default=None, metavar="KEY", help="deduplication key"
     )
     enqueue.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int4,
         default=None,
         metavar="N",
         help="default: the handler's setting",

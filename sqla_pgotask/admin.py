@@ -28,6 +28,7 @@ work in batches, each a short transaction of its own.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -398,6 +399,9 @@ def health(
     - ``schema``: at the revision this library expects (if not, nothing else is checked);
     - ``workers``: at least one registered worker with a heartbeat in the
       last ``worker_timeout`` seconds (``None`` skips this check);
+    - ``handlers``: when there are live workers, every due task has one that
+      would claim it: a handler for its kind, serving its queue (skipped with
+      the ``workers`` check, and when no worker is live: that check fails);
     - ``stuck``: no running task whose lease expired more than
       ``stuck_after`` seconds ago;
     - ``backlog``: with ``max_age``, no due pending task waiting longer than that.
@@ -430,6 +434,8 @@ def health(
                     {"live": len(ids), "ids": ids},
                 )
             )
+            if workers:
+                checks.append(_handlers_check(session, worker_timeout))
         stuck = session.execute(
             query("admin_stuck_tasks"),
             {"stuck_seconds": stuck_after, "limit": 10},
@@ -461,8 +467,42 @@ def health(
                     "no due task waiting"
                     if oldest is None
                     else f"oldest due task {oldest.id} ({oldest.kind}, queue {oldest.queue}) "
-                    f"has waited {age:.0f}s" + (f", over the {max_age:g}s allowed" if late else ""),
+                    f"has waited {_waited(age)}"
+                    + (f", over the {max_age:g}s allowed" if late else ""),
                     {"oldest_due_seconds": age, "task_id": None if oldest is None else oldest.id},
                 )
             )
     return HealthReport(checks)
+
+
+def _waited(age: float | None) -> str:
+    if age is None:
+        return "-"
+    # A run_at of '-infinity' (plain SQL may insert one) is an infinite age.
+    return "forever" if math.isinf(age) else f"{age:.0f}s"
+
+
+def _handlers_check(session: Session, worker_timeout: float, *, sample: int = 10) -> HealthCheck:
+    """``handlers``: the due tasks that no live worker would claim, per kind and queue."""
+    rows = session.execute(
+        query("admin_unhandled_due"),
+        {"timeout_seconds": worker_timeout, "limit": sample},
+        bind_arguments=TASK_BIND,
+    ).all()
+    unhandled = [{"kind": r.kind, "queue": r.queue, "due": int(r.due)} for r in rows]
+    if not rows:
+        return HealthCheck(
+            "handlers", True, "every due task has a live worker to run it", {"unhandled": []}
+        )
+    found = ", ".join(
+        f"kind {r.kind!r} in queue {r.queue!r} ({r.due} due task{'s' if r.due != 1 else ''})"
+        for r in rows
+    )
+    more = int(rows[0].total) - len(rows)
+    return HealthCheck(
+        "handlers",
+        False,
+        f"no live worker handles {found}"
+        + (f", and {more} more kind and queue pair(s)" if more > 0 else ""),
+        {"unhandled": unhandled},
+    )

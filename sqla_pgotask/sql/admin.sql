@@ -6,6 +6,9 @@
 -- One aggregate over the task table: counts per (queue, kind) and status,
 -- the age of the oldest due task, and how many finished in the last
 -- :window_seconds (throughput).  All times from the database clock.
+-- Ages are differences of epochs, not of timestamps: a run_at of
+-- '-infinity' (inserted by plain SQL) is an infinite age, where
+-- now() - run_at would raise "cannot subtract infinite timestamps".
 SELECT queue,
        kind,
        count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS due,
@@ -14,7 +17,7 @@ SELECT queue,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       extract(epoch FROM now() - min(run_at) FILTER (
+       extract(epoch FROM now())::float8 - extract(epoch FROM min(run_at) FILTER (
            WHERE status = 'pending' AND run_at <= now()
        ))::float8 AS oldest_due_seconds,
        count(*) FILTER (
@@ -75,7 +78,8 @@ retried AS (
         locked_by = NULL,
         lease_expires_at = NULL,
         cancel_requested_at = NULL,
-        max_attempts = t.attempts + :extra_attempts
+        -- Capped at the column's range rather than overflowing it.
+        max_attempts = least(t.attempts::bigint + :extra_attempts, 2147483647)::integer
     FROM eligible
     WHERE t.id = eligible.id
     RETURNING t.id, t.queue
@@ -102,9 +106,11 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
 RETURNING id, status::text AS status
 
 -- name: admin_live_workers
--- Registered workers whose last heartbeat is at most :timeout_seconds old.
+-- Registered workers whose last heartbeat is at most :timeout_seconds old
+-- (ages as differences of epochs: see admin_stats).
 SELECT id, host, pid, last_heartbeat_at,
-       extract(epoch FROM now() - last_heartbeat_at)::float8 AS heartbeat_age_seconds
+       extract(epoch FROM now())::float8
+           - extract(epoch FROM last_heartbeat_at)::float8 AS heartbeat_age_seconds
 FROM pgotask_worker
 WHERE last_heartbeat_at >= now() - make_interval(secs => :timeout_seconds)
 ORDER BY id
@@ -113,7 +119,8 @@ ORDER BY id
 -- Running tasks whose lease expired more than :stuck_seconds ago: no worker
 -- renews them, and no maintenance pass has rescued them.
 SELECT id, kind, queue, locked_by,
-       extract(epoch FROM now() - lease_expires_at)::float8 AS expired_seconds,
+       extract(epoch FROM now())::float8
+           - extract(epoch FROM lease_expires_at)::float8 AS expired_seconds,
        count(*) OVER () AS total
 FROM pgotask_task
 WHERE status = 'running'
@@ -124,8 +131,31 @@ LIMIT :limit
 -- name: admin_oldest_due
 -- The oldest due pending task (by run_at) and how long it has waited.
 SELECT id, kind, queue,
-       extract(epoch FROM now() - run_at)::float8 AS age_seconds
+       extract(epoch FROM now())::float8 - extract(epoch FROM run_at)::float8 AS age_seconds
 FROM pgotask_task
 WHERE status = 'pending' AND run_at <= now()
 ORDER BY run_at, id
 LIMIT 1
+
+-- name: admin_unhandled_due
+-- Due pending tasks that no live worker claims: no worker with a heartbeat
+-- in the last :timeout_seconds has a handler for the task's kind while
+-- serving its queue (NULL queues: every queue).  Counted per (kind, queue),
+-- at most :limit of them, the largest first.
+WITH due AS (
+    SELECT kind, queue, count(*) AS due
+    FROM pgotask_task
+    WHERE status = 'pending' AND run_at <= now()
+    GROUP BY kind, queue
+)
+SELECT kind, queue, due, count(*) OVER () AS total
+FROM due
+WHERE NOT EXISTS (
+    SELECT 1
+    FROM pgotask_worker AS w
+    WHERE w.last_heartbeat_at >= now() - make_interval(secs => :timeout_seconds)
+      AND due.kind = ANY (w.kinds)
+      AND (w.queues IS NULL OR due.queue = ANY (w.queues))
+)
+ORDER BY due DESC, kind, queue
+LIMIT :limit
