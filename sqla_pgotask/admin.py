@@ -402,6 +402,10 @@ def health(
     - ``handlers``: when there are live workers, every due task has one that
       would claim it: a handler for its kind, serving its queue (skipped with
       the ``workers`` check, and when no worker is live: that check fails);
+    - ``slots``: when there are live workers, none has had every handler
+      thread stuck (in a handler far past its ``timeout``) for more than
+      ``stuck_after`` seconds; threads stuck on a worker that has free ones
+      are reported, not failed;
     - ``stuck``: no running task whose lease expired more than
       ``stuck_after`` seconds ago;
     - ``backlog``: with ``max_age``, no due pending task waiting longer than that.
@@ -436,6 +440,7 @@ def health(
             )
             if workers:
                 checks.append(_handlers_check(session, worker_timeout))
+                checks.append(_slots_check(session, worker_timeout, stuck_after))
         stuck = session.execute(
             query("admin_stuck_tasks"),
             {"stuck_seconds": stuck_after, "limit": 10},
@@ -480,6 +485,47 @@ def _waited(age: float | None) -> str:
         return "-"
     # A run_at of '-infinity' (plain SQL may insert one) is an infinite age.
     return "forever" if math.isinf(age) else f"{age:.0f}s"
+
+
+def _slots_check(session: Session, worker_timeout: float, stuck_after: float) -> HealthCheck:
+    """``slots``: no live worker has had all its handler threads stuck for over ``stuck_after``."""
+    rows = session.execute(
+        query("admin_stuck_slots"), {"timeout_seconds": worker_timeout}, bind_arguments=TASK_BIND
+    ).all()
+    workers = [
+        {
+            "id": r.id,
+            "stuck_slots": int(r.stuck_slots),
+            "concurrency": int(r.concurrency),
+            "all_stuck_seconds": r.all_stuck_seconds,
+        }
+        for r in rows
+    ]
+    if not rows:
+        return HealthCheck("slots", True, "no handler thread is stuck", {"workers": []})
+    failing = [
+        r for r in rows if r.all_stuck_seconds is not None and r.all_stuck_seconds > stuck_after
+    ]
+    described = "; ".join(
+        f"worker {r.id}: {r.stuck_slots} of {r.concurrency} handler threads stuck"
+        + (
+            f", all of them for {r.all_stuck_seconds:.0f}s"
+            if r.all_stuck_seconds is not None
+            else ""
+        )
+        for r in rows
+    )
+    return HealthCheck(
+        "slots",
+        not failing,
+        described
+        + (
+            f" (no free thread for over {stuck_after:g}s: restart the worker)"
+            if failing
+            else " (handlers far past their timeout; the other threads run tasks)"
+        ),
+        {"workers": workers},
+    )
 
 
 def _handlers_check(session: Session, worker_timeout: float, *, sample: int = 10) -> HealthCheck:

@@ -63,7 +63,7 @@ from sqla_pgotask._cli_database import (
     find_url,
 )
 from sqla_pgotask._cli_output import terminal_text
-from sqla_pgotask.errors import ConfigurationError, SchemaError
+from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaError
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.scheduler import Scheduler
@@ -635,7 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except (UsageError, _metrics_cli.MetricsError, ConfigurationError, ArgumentError) as exc:
+    except (
+        UsageError,
+        _metrics_cli.MetricsError,
+        ConfigurationError,
+        ArgumentError,
+        InvalidTaskError,  # a task the model refuses (pgotask enqueue)
+    ) as exc:
         _exit(parser, EXIT_USAGE, str(exc))
     except SchemaError as exc:
         _exit(parser, EXIT_SCHEMA, str(exc))

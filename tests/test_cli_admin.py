@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 from typing import Any
 
 import psycopg
@@ -428,7 +429,13 @@ def test_cli_check(database_url: str, session_factory: sessionmaker[Session]) ->
     done = run_pgotask(["check", "--json"], database_url)
     found = _json(done)
     assert found["ok"] is True
-    assert [c["name"] for c in found["checks"]] == ["schema", "workers", "handlers", "stuck"]
+    assert [c["name"] for c in found["checks"]] == [
+        "schema",
+        "workers",
+        "handlers",
+        "slots",
+        "stuck",
+    ]
     assert found["checks"][1]["live"] == 1
 
     _add(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
@@ -437,6 +444,35 @@ def test_cli_check(database_url: str, session_factory: sessionmaker[Session]) ->
     assert done.returncode == 1
     found = json.loads(done.stdout)
     assert [c["name"] for c in found["checks"] if not c["ok"]] == ["stuck", "backlog"]
+
+
+def test_check_fails_when_a_workers_threads_have_all_been_stuck_too_long(
+    database_url: str, session_factory: sessionmaker[Session]
+) -> None:
+    second = dt.timedelta(seconds=1)
+    _worker(session_factory, heartbeat_ago=second, name="w-some")
+    _worker(session_factory, heartbeat_ago=second, name="w-all")
+    with session_factory.begin() as session:
+        session.execute(
+            text(
+                "UPDATE pgotask_worker SET concurrency = 4, stuck_slots = 1 WHERE id = 'w-some';"
+                "UPDATE pgotask_worker SET concurrency = 4, stuck_slots = 4, "
+                "all_stuck_since = now() - interval '30 seconds' WHERE id = 'w-all'"
+            )
+        )
+    report = health(session_factory, stuck_after=60)
+    assert report.ok  # 30 s with no free thread: not yet over the 60 s allowed
+    [slots] = [c for c in report.checks if c.name == "slots"]
+    assert slots.detail.startswith(
+        "worker w-all: 4 of 4 handler threads stuck, all of them for 30s; "
+        "worker w-some: 1 of 4 handler threads stuck"
+    )
+    done = run_pgotask(["check", "--stuck-after", "20s"], database_url)
+    assert done.returncode == 1
+    assert re.search(
+        r"FAIL slots: worker w-all: 4 of 4 handler threads stuck, all of them for 3\ds", done.stdout
+    )
+    assert "no free thread for over 20s: restart the worker" in done.stdout
 
 
 def test_cli_check_unmigrated_database(empty_database_url: str) -> None:

@@ -115,6 +115,18 @@ FROM pgotask_worker
 WHERE last_heartbeat_at >= now() - make_interval(secs => :timeout_seconds)
 ORDER BY id
 
+-- name: admin_stuck_slots
+-- Live workers with handler threads stuck in a handler far past its timeout
+-- (as their latest heartbeat reported), and for how long every one of
+-- their threads has been (NULL while one is free).
+SELECT id, stuck_slots, concurrency,
+       extract(epoch FROM now())::float8
+           - extract(epoch FROM all_stuck_since)::float8 AS all_stuck_seconds
+FROM pgotask_worker
+WHERE last_heartbeat_at >= now() - make_interval(secs => :timeout_seconds)
+  AND stuck_slots > 0
+ORDER BY id
+
 -- name: admin_stuck_tasks
 -- Running tasks whose lease expired more than :stuck_seconds ago: no worker
 -- renews them, and no maintenance pass has rescued them.
