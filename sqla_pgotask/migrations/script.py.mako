@@ -19,7 +19,8 @@ depends_on = ${repr(depends_on)}
 def upgrade() -> None:
     ${upgrades if upgrades else "pass"}
     # Every revision ends by recording itself for the workers' schema check,
-    # and alembic_helpers.HEAD_REVISION / REVISIONS must name it.
+    # and alembic_helpers.HEAD_REVISION / REVISIONS must name it.  What it
+    # changes goes into sql/schema.sql too (tests/test_schema_sql.py).
     op.execute(
         "CREATE OR REPLACE FUNCTION pgotask_schema_revision() RETURNS text "
         f"LANGUAGE sql IMMUTABLE AS $$ SELECT '{revision}'::text $$"
