@@ -622,6 +622,11 @@ def test_stuck_handler_threads_are_not_claimed_for_and_all_stuck_stops_the_worke
     finally:
         release.set()
         thread.join(30)
+        # The abandoned handler threads end now: let them give their
+        # connections back before the engine is disposed.
+        for stuck_thread in threading.enumerate():
+            if stuck_thread.name.startswith("pgotask-handler-"):
+                stuck_thread.join(30)
 
 
 def test_a_worker_whose_threads_cannot_start_leaves_no_registry_row(
