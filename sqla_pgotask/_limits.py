@@ -310,7 +310,7 @@ def claim_tasks_within_limits(
             own_transaction=standalone,
         )
 
-        rest = limit - len(tasks)
+        rest = limit - len(tasks) - tasks.refused
         if rest > 0 and plan.fast:
             tasks = tasks.extend_claim(
                 claim_tasks(
