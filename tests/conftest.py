@@ -25,6 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask.migrate import upgrade
 
+# Before any test module imports the helpers: their asserts then report like a test's.
+pytest.register_assert_rewrite("tests.helpers")
+
 URL_ENV = "PGOTASK_TEST_DATABASE_URL"
 
 _counter = itertools.count()
@@ -115,6 +118,15 @@ def engine(database_url: str) -> Iterator[Engine]:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """The application's sessionmaker, on this test's own database."""
     return sessionmaker(engine)
+
+
+@pytest.fixture
+def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The application's sessionmaker, with its ``app_ledger`` table created."""
+    from tests.helpers import AppBase  # here: only after the rewrite registration above
+
+    AppBase.metadata.create_all(engine)
+    return session_factory
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ printed when it stops (pytest shows it when the test fails).
 in turn rather than the most recently used one first, so that consecutive
 transactions of one client land on different server connections, as they do
 on a busy pool.  :meth:`PgBouncer.warm` opens that many server connections
-first.  :func:`running` runs a Scheduler's worker in a thread of the test.
+first.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
 from sqlalchemy import make_url
-
-from sqla_pgotask import Scheduler, WorkerStats
 
 PoolMode = Literal["session", "transaction"]
 POOL_MODES: tuple[PoolMode, ...] = ("session", "transaction")
@@ -225,31 +222,3 @@ def advisory_lock_holders(database_url: str, key: int) -> int:
         row = conn.execute(_LOCKS_HELD, {"key": key}).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Return once ``predicate()`` is truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def running(scheduler: Scheduler, *, listening: bool = True) -> Iterator[list[WorkerStats]]:
-    """Run ``scheduler`` in a thread until the block ends, LISTEN in effect if ``listening``."""
-    stats: list[WorkerStats] = []
-    thread = threading.Thread(target=lambda: stats.append(scheduler.run()))
-    thread.start()
-    try:
-        wait_until(lambda: scheduler.running_worker is not None, 10, "the worker to start")
-        worker = scheduler.running_worker
-        assert worker is not None
-        if listening:
-            assert worker.listener.wait_connected(10)
-        yield stats
-    finally:
-        scheduler.stop()
-        thread.join(30)
-        assert not thread.is_alive()

@@ -13,16 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+
+from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
 LEDGER_SCHEDULER = "tests.apps.ledger:scheduler"
-
-T = TypeVar("T")
 
 
 def pgotask_executable() -> str:
@@ -74,24 +72,6 @@ def run_pgotask(
     )
 
 
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    message: str = "condition",
-) -> T:
-    """Call ``predicate`` until it returns something truthy and return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
-        time.sleep(interval)
-
-
 class WorkerProcess:
     """A running ``pgotask worker`` and its log file."""
 
@@ -132,7 +112,7 @@ class WorkerProcess:
                 )
             return False
 
-        wait_until(seen, timeout, message=f"{text!r} in the worker log")
+        wait_until(seen, timeout, message=f"{text!r} in the worker log", interval=0.05)
 
     def wait_started(self, timeout: float = 30.0) -> None:
         """Wait until the worker checked the schema and began claiming."""

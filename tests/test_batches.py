@@ -19,9 +19,7 @@ from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus, _savepoints
 from sqla_pgotask._claim import claim_tasks
 from sqla_pgotask._execute import BatchRunner, new_context
 from sqla_pgotask.context import Outcome
-from tests.test_worker import Ledger, add_tasks, app, ledger_ids, running, wait_until
-
-__all__ = ["app"]  # the fixture
+from tests.helpers import Ledger, add_tasks, ledger_ids, running, wait_until
 
 XID = text("SELECT CAST(pg_current_xact_id() AS text)")
 

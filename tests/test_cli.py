@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask import Task, TaskStatus
 from sqla_pgotask.alembic_helpers import HEAD_REVISION
 from tests.apps.ledger import LedgerEntry, create_ledger
+from tests.helpers import wait_until
 from tests.processes import (
     PROJECT_ROOT,
     pgotask_env,
     pgotask_executable,
     pgotask_worker,
     run_pgotask,
-    wait_until,
 )
 
 LEDGER = "tests.apps.ledger:scheduler"

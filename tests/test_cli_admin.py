@@ -29,16 +29,11 @@ from sqla_pgotask.admin import (
     retry_tasks,
 )
 from sqla_pgotask.models import RegisteredWorker
+from tests.helpers import add_tasks
+from tests.helpers import get_task as stored_task  # get_task here: the admin function
 from tests.processes import run_pgotask
 
 AGO = dt.timedelta(minutes=10)
-
-
-def _add(session_factory: sessionmaker[Session], *tasks: Task) -> list[int]:
-    with session_factory.begin() as session:
-        session.add_all(tasks)
-        session.flush()
-        return [t.id for t in tasks]
 
 
 def _failed(kind: str = "job", **kwargs: Any) -> Task:
@@ -66,14 +61,6 @@ def _running(kind: str = "job", *, lease_expired: dt.timedelta | None = None) ->
         locked_by="w1",
         lease_expires_at=lease,
     )
-
-
-def _status(session_factory: sessionmaker[Session], task_id: int) -> Task:
-    with session_factory() as session:
-        task = session.get(Task, task_id)
-        assert task is not None
-        session.expunge(task)
-        return task
 
 
 def _worker(
@@ -108,7 +95,7 @@ def _json(done: Any) -> Any:
 
 
 def test_queue_stats_counts_per_queue_and_kind(session_factory: sessionmaker[Session]) -> None:
-    _add(
+    add_tasks(
         session_factory,
         Task(kind="a", run_at=func.now() - dt.timedelta(minutes=2)),
         Task(kind="a", run_at=func.now() + dt.timedelta(hours=1)),
@@ -131,7 +118,7 @@ def test_queue_stats_counts_per_queue_and_kind(session_factory: sessionmaker[Ses
 
 
 def test_cli_stats(database_url: str, session_factory: sessionmaker[Session]) -> None:
-    _add(session_factory, Task(kind="a"), _failed("b", queue="q"))
+    add_tasks(session_factory, Task(kind="a"), _failed("b", queue="q"))
     found = _json(run_pgotask(["stats", "--json"], database_url))
     assert found["window_seconds"] == 300
     assert found["throughput_per_minute"] == pytest.approx(1 / 5)
@@ -172,7 +159,7 @@ def test_cli_stats(database_url: str, session_factory: sessionmaker[Session]) ->
 
 
 def test_list_tasks_filters(session_factory: sessionmaker[Session]) -> None:
-    old, new_failed, other = _add(
+    old, new_failed, other = add_tasks(
         session_factory,
         Task(kind="a", created_at=func.now() - dt.timedelta(days=2)),
         _failed("a"),
@@ -191,7 +178,7 @@ def test_list_tasks_filters(session_factory: sessionmaker[Session]) -> None:
 
 
 def test_cli_list(database_url: str, session_factory: sessionmaker[Session]) -> None:
-    first, second = _add(session_factory, Task(kind="a", payload={"x": 1}), _failed("b"))
+    first, second = add_tasks(session_factory, Task(kind="a", payload={"x": 1}), _failed("b"))
     found = _json(run_pgotask(["list", "--json"], database_url))
     assert [t["id"] for t in found] == [second, first]
     assert found[1]["payload"] == {"x": 1} and found[1]["status"] == "pending"
@@ -211,7 +198,7 @@ def test_cli_list(database_url: str, session_factory: sessionmaker[Session]) -> 
 
 
 def test_cli_show(database_url: str, session_factory: sessionmaker[Session]) -> None:
-    (task_id,) = _add(session_factory, _failed("a", payload={"to": "x@example.com"}))
+    (task_id,) = add_tasks(session_factory, _failed("a", payload={"to": "x@example.com"}))
     with session_factory.begin() as session:
         for attempt in (1, 2):
             session.add(
@@ -253,7 +240,7 @@ def test_cli_show(database_url: str, session_factory: sessionmaker[Session]) -> 
 def test_retry_revives_failed_tasks_with_one_more_attempt(
     session_factory: sessionmaker[Session],
 ) -> None:
-    failed, pending, running, succeeded = _add(
+    failed, pending, running, succeeded = add_tasks(
         session_factory,
         _failed("job"),
         Task(kind="job"),
@@ -263,14 +250,14 @@ def test_retry_revives_failed_tasks_with_one_more_attempt(
     result = retry_tasks(session_factory, ids=[failed, pending, running, succeeded, 999])
     assert result.retried == [failed]
     assert result.not_retryable == [pending, running, succeeded, 999]
-    task = _status(session_factory, failed)
+    task = stored_task(session_factory, failed)
     assert (task.status, task.attempts, task.max_attempts, task.finished_at) == (
         TaskStatus.PENDING,
         3,
         4,
         None,
     )
-    assert _status(session_factory, running).status is TaskStatus.RUNNING
+    assert stored_task(session_factory, running).status is TaskStatus.RUNNING
 
     # It can actually run again, once.
     scheduler = Scheduler(session_factory)
@@ -282,15 +269,15 @@ def test_retry_revives_failed_tasks_with_one_more_attempt(
         raise RuntimeError("still broken")
 
     assert scheduler.run_until_idle() == 2  # the pending one and the retried one
-    again = _status(session_factory, failed)
+    again = stored_task(session_factory, failed)
     assert (again.status, again.attempts) == (TaskStatus.FAILED, 4)
     # --attempts N: N more.
     retry_tasks(session_factory, ids=[failed], extra_attempts=3)
-    assert _status(session_factory, failed).max_attempts == 7
+    assert stored_task(session_factory, failed).max_attempts == 7
 
 
 def test_retry_skips_a_task_whose_dedup_key_is_live(session_factory: sessionmaker[Session]) -> None:
-    twin_live, blocked, older, newer = _add(
+    twin_live, blocked, older, newer = add_tasks(
         session_factory,
         Task(kind="job", dedup_key="k1"),
         _failed("job", dedup_key="k1"),
@@ -301,12 +288,14 @@ def test_retry_skips_a_task_whose_dedup_key_is_live(session_factory: sessionmake
     # k1 has a live twin; of the two k2 tasks only the newest comes back.
     assert result.retried == [newer]
     assert sorted(result.skipped_duplicates) == [blocked, older]
-    assert _status(session_factory, blocked).status is TaskStatus.FAILED
-    assert _status(session_factory, twin_live).status is TaskStatus.PENDING
+    assert stored_task(session_factory, blocked).status is TaskStatus.FAILED
+    assert stored_task(session_factory, twin_live).status is TaskStatus.PENDING
 
 
 def test_retry_in_batches_with_progress(session_factory: sessionmaker[Session]) -> None:
-    ids = _add(session_factory, *(_failed("a") for _ in range(7)), _failed("b"), Task(kind="a"))
+    ids = add_tasks(
+        session_factory, *(_failed("a") for _ in range(7)), _failed("b"), Task(kind="a")
+    )
     seen: list[tuple[int, int]] = []
     result = retry_tasks(
         session_factory,
@@ -316,7 +305,7 @@ def test_retry_in_batches_with_progress(session_factory: sessionmaker[Session]) 
     )
     assert result.retried == ids[:7]
     assert seen == [(3, 7), (6, 7), (7, 7)]
-    assert _status(session_factory, ids[7]).status is TaskStatus.FAILED
+    assert stored_task(session_factory, ids[7]).status is TaskStatus.FAILED
     with pytest.raises(ValueError, match="either ids or a TaskFilter"):
         retry_tasks(session_factory)
     with pytest.raises(ValueError, match="extra_attempts"):
@@ -324,7 +313,7 @@ def test_retry_in_batches_with_progress(session_factory: sessionmaker[Session]) 
 
 
 def test_cli_retry(database_url: str, session_factory: sessionmaker[Session]) -> None:
-    failed_a, failed_b, cancelled, pending = _add(
+    failed_a, failed_b, cancelled, pending = add_tasks(
         session_factory,
         _failed("a"),
         _failed("b", queue="q"),
@@ -342,7 +331,7 @@ def test_cli_retry(database_url: str, session_factory: sessionmaker[Session]) ->
     assert done.returncode == 0, done.stderr
     assert done.stdout == "retried 2 tasks (each gets 1 more attempt(s))\n"
     assert done.stderr == ""  # no progress bar when stderr is not a terminal
-    assert _status(session_factory, cancelled).status is TaskStatus.PENDING
+    assert stored_task(session_factory, cancelled).status is TaskStatus.PENDING
     # By id: a task that is not failed or cancelled is an error (exit 1).
     done = run_pgotask(["retry", str(pending), str(failed_a)], database_url)
     assert done.returncode == 1
@@ -353,7 +342,7 @@ def test_cli_retry(database_url: str, session_factory: sessionmaker[Session]) ->
 
 
 def test_cancel_tasks_by_id_and_filter(session_factory: sessionmaker[Session]) -> None:
-    pending, running, done, other = _add(
+    pending, running, done, other = add_tasks(
         session_factory,
         Task(kind="a"),
         _running("a"),
@@ -366,15 +355,15 @@ def test_cancel_tasks_by_id_and_filter(session_factory: sessionmaker[Session]) -
         [running],
         [done],
     )
-    assert _status(session_factory, pending).status is TaskStatus.CANCELLED
-    flagged = _status(session_factory, running)
+    assert stored_task(session_factory, pending).status is TaskStatus.CANCELLED
+    flagged = stored_task(session_factory, running)
     assert flagged.status is TaskStatus.RUNNING and flagged.cancel_requested_at is not None
     result = cancel_tasks(session_factory, TaskFilter(kinds=["b"]))
     assert result.cancelled == [other]
 
 
 def test_cli_cancel(database_url: str, session_factory: sessionmaker[Session]) -> None:
-    a, b, c = _add(session_factory, Task(kind="a"), Task(kind="b"), Task(kind="b", queue="q"))
+    a, b, c = add_tasks(session_factory, Task(kind="a"), Task(kind="b"), Task(kind="b", queue="q"))
     found = _json(run_pgotask(["cancel", str(a), "--json"], database_url))
     assert found == {"cancelled": [a], "requested": [], "not_cancellable": []}
     done = run_pgotask(["cancel", str(a)], database_url)
@@ -385,10 +374,10 @@ def test_cli_cancel(database_url: str, session_factory: sessionmaker[Session]) -
     assert (
         done.stdout == "cancelled 2 pending task(s); requested cancellation of 0 running task(s)\n"
     )
-    assert _status(session_factory, c).status is TaskStatus.CANCELLED
-    (d,) = _add(session_factory, Task(kind="z"))
+    assert stored_task(session_factory, c).status is TaskStatus.CANCELLED
+    (d,) = add_tasks(session_factory, Task(kind="z"))
     assert _json(run_pgotask(["cancel", "--all", "--json"], database_url))["cancelled"] == [d]
-    assert _status(session_factory, b).status is TaskStatus.CANCELLED
+    assert stored_task(session_factory, b).status is TaskStatus.CANCELLED
 
 
 # -- check ---------------------------------------------------------------------------
@@ -402,14 +391,14 @@ def test_health(session_factory: sessionmaker[Session]) -> None:
     assert health(session_factory).ok
     assert not health(session_factory, worker_timeout=1).ok  # its heartbeat is 5 s old
 
-    (stuck,) = _add(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
-    _add(session_factory, _running(lease_expired=dt.timedelta(seconds=5)))  # not yet stuck
+    (stuck,) = add_tasks(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
+    add_tasks(session_factory, _running(lease_expired=dt.timedelta(seconds=5)))  # not yet stuck
     report = health(session_factory, stuck_after=60)
     assert [(c.name, c.data) for c in report.problems] == [("stuck", {"count": 1, "ids": [stuck]})]
     with session_factory.begin() as session:
         session.execute(text("DELETE FROM pgotask_task"))
     # A kind the live worker handles (see test_check_names_kinds_no_live_worker_handles).
-    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
+    add_tasks(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     assert health(session_factory, max_age=3600).ok
     report = health(session_factory, max_age=60)
     assert [c.name for c in report.problems] == ["backlog"]
@@ -438,8 +427,8 @@ def test_cli_check(database_url: str, session_factory: sessionmaker[Session]) ->
     ]
     assert found["checks"][1]["live"] == 1
 
-    _add(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
-    _add(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
+    add_tasks(session_factory, _running(lease_expired=dt.timedelta(minutes=5)))
+    add_tasks(session_factory, Task(kind="job", run_at=func.now() - dt.timedelta(minutes=3)))
     done = run_pgotask(["check", "--stuck-after", "2m", "--max-age", "1m", "--json"], database_url)
     assert done.returncode == 1
     found = json.loads(done.stdout)
@@ -497,7 +486,7 @@ def test_check_names_kinds_no_live_worker_handles(
     _worker(session_factory, heartbeat_ago=second, name="h:2", kinds=["mail"], queues=["emails"])
     # A dead worker's handlers run nothing.
     _worker(session_factory, heartbeat_ago=dt.timedelta(minutes=10), name="h:3", kinds=["report"])
-    _add(
+    add_tasks(
         session_factory,
         Task(kind="job"),
         Task(kind="job", queue="anywhere"),
@@ -549,7 +538,7 @@ def test_cli_enqueue(database_url: str, session_factory: sessionmaker[Session]) 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("enqueued task ")
     task_id = int(done.stdout.split()[2])
-    task = _status(session_factory, task_id)
+    task = stored_task(session_factory, task_id)
     assert (task.kind, task.payload, task.queue, task.priority) == ("send", {"to": [1, 2]}, "q", 5)
 
     found = _json(
@@ -568,7 +557,7 @@ def test_cli_enqueue(database_url: str, session_factory: sessionmaker[Session]) 
             database_url,
         )
     )
-    later = _status(session_factory, found["id"])
+    later = stored_task(session_factory, found["id"])
     assert found["duplicate_of"] is None and later.max_attempts == 2
     with session_factory() as session:
         delay: dt.timedelta | None = session.scalar(
@@ -585,7 +574,7 @@ def test_cli_enqueue(database_url: str, session_factory: sessionmaker[Session]) 
             ["enqueue", "x", "--run-at", "2030-01-31T09:00:00+01:00", "--json"], database_url
         )
     )
-    assert _status(session_factory, found["id"]).run_at == dt.datetime(
+    assert stored_task(session_factory, found["id"]).run_at == dt.datetime(
         2030, 1, 31, 8, tzinfo=dt.timezone.utc
     )
 
@@ -666,7 +655,7 @@ def test_terminal_output_escapes_control_characters(
     database_url: str, session_factory: sessionmaker[Session]
 ) -> None:
     _worker(session_factory, heartbeat_ago=dt.timedelta(seconds=1))
-    (task_id,) = _add(session_factory, Task(kind=f"k{HOSTILE}", queue=f"q{HOSTILE}"))
+    (task_id,) = add_tasks(session_factory, Task(kind=f"k{HOSTILE}", queue=f"q{HOSTILE}"))
     with session_factory.begin() as session:
         session.add(
             TaskError(
@@ -738,7 +727,7 @@ def test_retry_wakes_the_workers_of_each_retried_queue(
 ) -> None:
     # An UPDATE fires no insert trigger: retry notifies by itself, once per
     # queue, when its batch commits, so an idle worker starts the task at once.
-    emails, reports, reports_too, pending = _add(
+    emails, reports, reports_too, pending = add_tasks(
         session_factory,
         _failed("job", queue="emails"),
         _failed("job", queue="reports"),

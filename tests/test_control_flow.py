@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import (
@@ -17,13 +17,7 @@ from sqla_pgotask import (
     TaskError,
     TaskStatus,
 )
-from tests.test_worker import AppBase, Ledger, add_tasks, get_task, ledger_ids, running, wait_until
-
-
-@pytest.fixture
-def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    AppBase.metadata.create_all(engine)
-    return session_factory
+from tests.helpers import Ledger, add_tasks, get_task, ledger_ids, running, wait_until
 
 
 def _errors(session_factory: sessionmaker[Session]) -> int:

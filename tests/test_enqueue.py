@@ -23,7 +23,7 @@ from sqla_pgotask import (
     TaskStatus,
     add_many,
 )
-from tests.test_worker import running, wait_until
+from tests.helpers import running, wait_until
 
 WHEN = dt.datetime(2031, 5, 6, tzinfo=dt.timezone.utc)
 

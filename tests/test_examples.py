@@ -24,7 +24,8 @@ from examples.flask_app import app as flask_app
 from examples.flask_app import models as flask_models
 from examples.flask_app import tasks as flask_tasks
 from sqla_pgotask import Task, TaskStatus
-from tests.processes import pgotask_worker, wait_until
+from tests.helpers import wait_until
+from tests.processes import pgotask_worker
 
 
 def all_tasks(engine: Engine) -> list[Task]:

@@ -36,7 +36,8 @@ from sqla_pgotask._limits import (
 )
 from sqla_pgotask.models import LimitState
 from tests.apps.limited_app import RunLog, create_run_log, make_scheduler
-from tests.processes import PROJECT_ROOT, WorkerProcess, pgotask_env, pgotask_worker, wait_until
+from tests.helpers import wait_until
+from tests.processes import PROJECT_ROOT, WorkerProcess, pgotask_env, pgotask_worker
 
 LIMITED_APP = "tests.apps.limited_app:scheduler"
 

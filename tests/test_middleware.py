@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import (
@@ -23,14 +22,7 @@ from sqla_pgotask import (
 )
 from sqla_pgotask.middleware import CallNext
 from sqla_pgotask.testing import drain
-from tests.test_worker import AppBase, Ledger, add_tasks, get_task, ledger_ids, running, wait_until
-
-
-@pytest.fixture
-def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    AppBase.metadata.create_all(engine)
-    return session_factory
-
+from tests.helpers import Ledger, add_tasks, get_task, ledger_ids, running, wait_until
 
 Seen = list[tuple[int, Outcome, BaseException | None]]
 

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Task, TaskError, TaskStatus
 from tests.apps.ledger import LedgerEntry, create_ledger
-from tests.processes import WorkerProcess, pgotask_worker, wait_until
+from tests.helpers import wait_until
+from tests.processes import WorkerProcess, pgotask_worker
 
 TOTAL = 2_000
 BEFORE_START = 500

@@ -42,7 +42,7 @@ from sqla_pgotask import (
 )
 from sqla_pgotask._metrics import QueueDepth, QueueDepthReader
 from sqla_pgotask.otel import ATTR_ATTEMPT, ATTR_KIND, ATTR_OUTCOME, ATTR_QUEUE, ATTR_STATE
-from tests.test_worker import add_tasks, get_task
+from tests.helpers import add_tasks, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 

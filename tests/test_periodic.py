@@ -21,7 +21,8 @@ from sqla_pgotask.models import ScheduleState
 from sqla_pgotask.periodic import enqueue_due, make_schedule, runnable_schedules
 from tests.apps import periodic_app
 from tests.apps.periodic_app import PeriodicRun, create_tables
-from tests.processes import WorkerProcess, pgotask_worker, wait_until
+from tests.helpers import wait_until
+from tests.processes import WorkerProcess, pgotask_worker
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)  # half a minute past a minute slot

@@ -37,6 +37,7 @@ from sqla_pgotask import (
 )
 from sqla_pgotask._connections import behind_pooler, notifications_arrive
 from sqla_pgotask.retention import RETENTION_LOCK, apply_retention
+from tests.helpers import add_tasks, running, wait_until
 from tests.pgbouncer import (
     POOL_MODES,
     PgBouncer,
@@ -44,8 +45,6 @@ from tests.pgbouncer import (
     advisory_lock_holders,
     direct,
     pgbouncer_binary,
-    running,
-    wait_until,
 )
 
 UNHEARD = "LISTEN hears no notifications through this connection"
@@ -113,13 +112,6 @@ def _statuses(database_url: str, ids: list[int]) -> list[str]:
             "SELECT status FROM pgotask_task WHERE id = ANY(%s) ORDER BY id", (ids,)
         ).fetchall()
     return [row[0] for row in rows]
-
-
-def _add(app: sessionmaker[Session], *tasks: Task) -> list[int]:
-    with app.begin() as session:
-        session.add_all(tasks)
-        session.flush()
-        return [task.id for task in tasks]
 
 
 # -- enqueue ---------------------------------------------------------------------
@@ -190,7 +182,7 @@ def test_an_idle_worker_wakes_promptly_on_commit(
     with running(scheduler):
         for _ in range(10):
             time.sleep(0.1)  # the worker is idle, waiting
-            (task_id,) = _add(app, Task(kind="ping"))
+            (task_id,) = add_tasks(app, Task(kind="ping"))
             committed = time.monotonic()
             wait_until(lambda: task_id in started, 5, "the task to start")  # noqa: B023
             latencies.append(max(0.0, started[task_id] - committed))
@@ -222,7 +214,7 @@ def test_limited_and_periodic_tasks_run(
         ran.append(task.kind)
 
     with running(scheduler):
-        ids = _add(app, *(Task(kind="limited") for _ in range(3)))
+        ids = add_tasks(app, *(Task(kind="limited") for _ in range(3)))
         wait_until(lambda: ran.count("limited") == 3 and "tick" in ran, 10, "the tasks to run")
     assert _statuses(database_url, ids) == ["succeeded"] * 3
 
@@ -296,8 +288,8 @@ def test_a_running_task_cancelled_ends_cancelled(
     started: set[int] = set()
     _spinning(scheduler, started)
     with running(scheduler):
-        by_method = _add(app, Task(kind="spin"))[0]
-        by_sql = _add(app, Task(kind="spin"))[0]
+        by_method = add_tasks(app, Task(kind="spin"))[0]
+        by_sql = add_tasks(app, Task(kind="spin"))[0]
         wait_until(lambda: started == {by_method, by_sql}, 10, "both tasks to start")
         with app.begin() as session:
             assert scheduler.cancel(session, by_method) is TaskStatus.RUNNING
@@ -340,7 +332,7 @@ def test_listening_through_a_transaction_pool_warns_and_the_worker_polls(
         wait_until(lambda: UNHEARD in caplog.text, 10, "the listener's warning")
         strays = bouncer.log.read_text().count(STRAY_NOTIFICATION)
         # Tasks still start (by polling), and cancellation still arrives (by heartbeats).
-        ids = _add(app, Task(kind="k"), Task(kind="k"), Task(kind="spin"))
+        ids = add_tasks(app, Task(kind="k"), Task(kind="k"), Task(kind="spin"))
         wait_until(lambda: ids[2] in started, 5, "the spinning task to start")
         with direct(database_url) as conn:
             conn.execute(
@@ -370,7 +362,7 @@ def test_listen_false_polls_without_listening(
         running(scheduler, listening=False),
     ):
         time.sleep(0.3)  # idle
-        (task_id,) = _add(app, Task(kind="spin"))
+        (task_id,) = add_tasks(app, Task(kind="spin"))
         committed = time.monotonic()
         wait_until(lambda: task_id in started, 5, "the task to start by polling")
         start = time.monotonic() - committed

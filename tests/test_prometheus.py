@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask import ConfigurationError, Scheduler, Task, TaskStatus, prometheus
 from sqla_pgotask.supervisor import ChildFailedError, Supervisor
 from tests.apps.ledger import LedgerEntry, create_ledger
+from tests.helpers import add_tasks, process_gone, wait_until
 from tests.processes import (
     LEDGER_SCHEDULER,
     PROJECT_ROOT,
@@ -37,7 +38,6 @@ from tests.processes import (
     pgotask_env,
     pgotask_worker,
     run_pgotask,
-    wait_until,
 )
 
 STARTED = "pgotask_attempt_started_total"
@@ -81,11 +81,6 @@ def _scheduler(session_factory: sessionmaker[Session]) -> Scheduler:
     return scheduler
 
 
-def _add(session_factory: sessionmaker[Session], *tasks: Task) -> None:
-    with session_factory.begin() as session:
-        session.add_all(tasks)
-
-
 def _in_an_hour() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
 
@@ -102,7 +97,7 @@ def test_attempts_and_queue_gauges(session_factory: sessionmaker[Session]) -> No
     scheduler = _scheduler(session_factory)
     prometheus.instrument(scheduler, registry=registry, queue_metrics_interval=0)
     assert prometheus.is_instrumented(scheduler)
-    _add(
+    add_tasks(
         session_factory,
         Task(kind="ok"),
         Task(kind="ok"),
@@ -185,10 +180,10 @@ def test_two_schedulers_share_a_registry(session_factory: sessionmaker[Session])
     assert prometheus.is_instrumented(first)
     assert prometheus.is_instrumented(second)
 
-    _add(session_factory, Task(kind="ok"), Task(kind="ok"))
+    add_tasks(session_factory, Task(kind="ok"), Task(kind="ok"))
     assert first.run_until_idle(max_tasks=1) == 1
     assert second.run_until_idle() == 1
-    _add(session_factory, Task(kind="boom"))
+    add_tasks(session_factory, Task(kind="boom"))
     assert second.run_until_idle() == 1
 
     ok = {"kind": "ok", "queue": "default", "outcome": "succeeded"}
@@ -209,7 +204,7 @@ def test_a_later_scheduler_adds_the_queue_gauges_the_first_left_out(
     prometheus.instrument(_scheduler(session_factory), registry=registry, queue_metrics=False)
     assert QUEUE_TASKS not in {m.name for m in registry.collect()}
     prometheus.instrument(_scheduler(session_factory), registry=registry, queue_metrics_interval=0)
-    _add(session_factory, Task(kind="later", queue="mail", run_at=_in_an_hour()))
+    add_tasks(session_factory, Task(kind="later", queue="mail", run_at=_in_an_hour()))
     assert _value(registry, QUEUE_TASKS, queue="mail", kind="later", state="scheduled") == 1
     prometheus.instrument(_scheduler(session_factory), registry=registry)  # no second collector
     assert [m.name for m in registry.collect()].count(QUEUE_TASKS) == 1
@@ -219,7 +214,9 @@ def test_without_queue_metrics(session_factory: sessionmaker[Session]) -> None:
     registry = CollectorRegistry()
     scheduler = _scheduler(session_factory)
     prometheus.instrument(scheduler, registry=registry, queue_metrics=False)
-    _add(session_factory, Task(kind="ok"), Task(kind="later", queue="mail", run_at=_in_an_hour()))
+    add_tasks(
+        session_factory, Task(kind="ok"), Task(kind="later", queue="mail", run_at=_in_an_hour())
+    )
     assert scheduler.run_until_idle() == 1
 
     assert _value(registry, FINISHED, kind="ok", queue="default", outcome="succeeded") == 1
@@ -235,9 +232,9 @@ def test_queue_gauges_are_cached_for_the_interval(
     registry = CollectorRegistry()
     scheduler = _scheduler(session_factory)
     prometheus.instrument(scheduler, registry=registry, queue_metrics_interval=3600)
-    _add(session_factory, Task(kind="ok"))
+    add_tasks(session_factory, Task(kind="ok"))
     assert _value(registry, QUEUE_TASKS, queue="default", kind="ok", state="due") == 1
-    _add(session_factory, Task(kind="ok"))
+    add_tasks(session_factory, Task(kind="ok"))
     # Not read again within the hour.
     assert _value(registry, QUEUE_TASKS, queue="default", kind="ok", state="due") == 1
 
@@ -285,7 +282,7 @@ def test_start_http_server_serves_the_registry(session_factory: sessionmaker[Ses
     registry = CollectorRegistry()
     scheduler = _scheduler(session_factory)
     prometheus.instrument(scheduler, registry=registry, queue_metrics_interval=0)
-    _add(
+    add_tasks(
         session_factory,
         Task(kind="ok"),
         Task(kind="ok"),
@@ -489,14 +486,6 @@ def _scrape_when_finished(url: str, count: int) -> str:
     return text if _finished(text, kind="ledger") == count else ""
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
 @contextlib.contextmanager
 def _supervisor(database_url: str, log_dir: Path, *args: str) -> Iterator[WorkerProcess]:
     """``pgotask worker --processes 2 *args``; no worker process outlives the test."""
@@ -512,8 +501,8 @@ def _supervisor(database_url: str, log_dir: Path, *args: str) -> Iterator[Worker
     finally:
         for pid in children:
             with contextlib.suppress(AssertionError):
-                wait_until(partial(_pid_gone, pid), 20, message=f"process {pid} to exit")
-            if not _pid_gone(pid):
+                wait_until(partial(process_gone, pid), 20, message=f"process {pid} to exit")
+            if not process_gone(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -531,7 +520,7 @@ def test_worker_serves_metrics(
     ) as worker:
         url = _metrics_url(worker)
         worker.wait_started()
-        _add(
+        add_tasks(
             session_factory,
             *(Task(kind="ledger") for _ in range(count)),
             Task(kind="ledger", queue="later", run_at=_in_an_hour()),
@@ -571,7 +560,7 @@ def test_supervisor_serves_the_metrics_of_its_worker_processes(
 ) -> None:
     count = 40
     # Before the worker processes start: their first read of the queue depth sees it.
-    _add(session_factory, Task(kind="ledger", queue="later", run_at=_in_an_hour()))
+    add_tasks(session_factory, Task(kind="ledger", queue="later", run_at=_in_an_hour()))
     with _supervisor(
         database_url, tmp_path, "--metrics-port", "0", "--metrics-host", "127.0.0.1"
     ) as supervisor:
@@ -589,7 +578,7 @@ def test_supervisor_serves_the_metrics_of_its_worker_processes(
             message="2 worker processes to start",
         )
 
-        _add(session_factory, *(Task(kind="ledger") for _ in range(count)))
+        add_tasks(session_factory, *(Task(kind="ledger") for _ in range(count)))
         wait_until(lambda: _succeeded(session_factory) == count, 60, message="the tasks to run")
         text = wait_until(
             lambda: _scrape_when_finished(url, count),

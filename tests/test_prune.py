@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import socket
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,63 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import SchemaError, Task, TaskError, TaskStatus, prune_tasks
+from tests.helpers import insert_aged_tasks
 from tests.processes import run_pgotask
 
 WEEK = dt.timedelta(days=7)
 FINISHED = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-
-
-@pytest.fixture
-def closed_port_url() -> Iterator[str]:
-    """A PostgreSQL URL whose port refuses connections: bound, never listening."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres?connect_timeout=5"
-
-
-def _add(
-    engine: Engine,
-    status: TaskStatus,
-    *,
-    days_ago: float | None,
-    count: int = 1,
-    errors: int = 0,
-) -> list[int]:
-    """Insert ``count`` tasks in ``status`` that finished ``days_ago`` (None: never), by
-    the database clock, each with ``errors`` TaskError rows; return their ids."""
-    with engine.begin() as conn:
-        ids = list(
-            conn.execute(
-                text(
-                    """
-                    INSERT INTO pgotask_task (kind, status, attempts, finished_at,
-                                              locked_by, lease_expires_at)
-                    SELECT 'k', CAST(:status AS text), 1,
-                           CASE WHEN CAST(:days AS float) IS NULL THEN NULL
-                                ELSE now() - make_interval(secs => :days * 86400) END,
-                           CASE WHEN CAST(:status AS text) = 'running' THEN 'w' END,
-                           CASE WHEN CAST(:status AS text) = 'running'
-                                THEN now() + interval '1 hour' END
-                    FROM generate_series(1, :count)
-                    RETURNING id
-                    """
-                ),
-                {"status": status.value, "days": days_ago, "count": count},
-            ).scalars()
-        )
-        if errors:
-            conn.execute(
-                text(
-                    """
-                    INSERT INTO pgotask_task_error (task_id, attempt, exception_type)
-                    SELECT t, n, 'ValueError'
-                    FROM unnest(CAST(:ids AS bigint[])) AS t, generate_series(1, :errors) AS n
-                    """
-                ),
-                {"ids": ids, "errors": errors},
-            )
-    return ids
 
 
 def _remaining(engine: Engine) -> set[int]:
@@ -89,12 +35,12 @@ def _error_task_ids(engine: Engine) -> Counter[int]:
 
 
 def test_prunes_only_finished_tasks_past_the_cutoff(engine: Engine) -> None:
-    old = [id_ for status in FINISHED for id_ in _add(engine, status, days_ago=10)]
-    recent = [id_ for status in FINISHED for id_ in _add(engine, status, days_ago=6.9)]
-    pending = _add(engine, TaskStatus.PENDING, days_ago=None, count=2)
-    running = _add(engine, TaskStatus.RUNNING, days_ago=None)
+    old = [id_ for status in FINISHED for id_ in insert_aged_tasks(engine, status, days_ago=10)]
+    recent = [id_ for status in FINISHED for id_ in insert_aged_tasks(engine, status, days_ago=6.9)]
+    pending = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None, count=2)
+    running = insert_aged_tasks(engine, TaskStatus.RUNNING, days_ago=None)
     # Not a state the library makes, but the status decides, not the timestamp.
-    odd = _add(engine, TaskStatus.PENDING, days_ago=30) + _add(
+    odd = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=30) + insert_aged_tasks(
         engine, TaskStatus.RUNNING, days_ago=30
     )
 
@@ -106,7 +52,7 @@ def test_prunes_only_finished_tasks_past_the_cutoff(engine: Engine) -> None:
 
 @pytest.mark.parametrize("status", FINISHED)
 def test_prunes_only_the_statuses_asked_for(engine: Engine, status: TaskStatus) -> None:
-    by_status = {s: _add(engine, s, days_ago=10, count=2) for s in FINISHED}
+    by_status = {s: insert_aged_tasks(engine, s, days_ago=10, count=2) for s in FINISHED}
 
     assert prune_tasks(engine, older_than=WEEK, statuses=[status.value]) == 2
 
@@ -115,9 +61,9 @@ def test_prunes_only_the_statuses_asked_for(engine: Engine, status: TaskStatus) 
 
 
 def test_task_errors_go_with_their_tasks(engine: Engine) -> None:
-    (old,) = _add(engine, TaskStatus.FAILED, days_ago=10, errors=3)
-    (recent,) = _add(engine, TaskStatus.FAILED, days_ago=1, errors=2)
-    (pending,) = _add(engine, TaskStatus.PENDING, days_ago=None, errors=1)
+    (old,) = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=10, errors=3)
+    (recent,) = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=1, errors=2)
+    (pending,) = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None, errors=1)
     assert _error_task_ids(engine) == {old: 3, recent: 2, pending: 1}
 
     assert prune_tasks(engine, older_than=WEEK) == 1
@@ -131,9 +77,9 @@ def test_deletes_in_batches(engine: Engine, caplog: pytest.LogCaptureFixture) ->
     due: list[int] = []
     kept: list[int] = []
     for _ in range(5):
-        due += _add(engine, TaskStatus.SUCCEEDED, days_ago=10, count=5)
-        kept += _add(engine, TaskStatus.SUCCEEDED, days_ago=1, count=2)
-        kept += _add(engine, TaskStatus.PENDING, days_ago=None)
+        due += insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=10, count=5)
+        kept += insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=1, count=2)
+        kept += insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None)
     with caplog.at_level(logging.DEBUG, logger="sqla_pgotask.retention"):
         deleted = prune_tasks(engine, older_than=WEEK, batch_size=4)
     assert deleted == len(due) == 25
@@ -143,7 +89,7 @@ def test_deletes_in_batches(engine: Engine, caplog: pytest.LogCaptureFixture) ->
 
 
 def test_exact_multiple_of_the_batch_size(engine: Engine) -> None:
-    _add(engine, TaskStatus.CANCELLED, days_ago=10, count=6)
+    insert_aged_tasks(engine, TaskStatus.CANCELLED, days_ago=10, count=6)
     seen: list[int] = []
     assert prune_tasks(engine, older_than=WEEK, batch_size=3, progress=seen.append) == 6
     assert _remaining(engine) == set()
@@ -151,21 +97,21 @@ def test_exact_multiple_of_the_batch_size(engine: Engine) -> None:
 
 
 def test_takes_a_sessionmaker(session_factory: sessionmaker[Session], engine: Engine) -> None:
-    old = _add(engine, TaskStatus.SUCCEEDED, days_ago=2, count=3)
-    recent = _add(engine, TaskStatus.SUCCEEDED, days_ago=None)  # never finished: NULL
+    old = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2, count=3)
+    recent = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=None)  # never finished: NULL
     assert prune_tasks(session_factory, older_than=dt.timedelta(days=1)) == len(old)
     assert _remaining(engine) == set(recent)
 
 
 def test_zero_age_prunes_every_finished_task(engine: Engine) -> None:
-    finished = _add(engine, TaskStatus.SUCCEEDED, days_ago=0.001, count=2)
-    pending = _add(engine, TaskStatus.PENDING, days_ago=None)
+    finished = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=0.001, count=2)
+    pending = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None)
     assert prune_tasks(engine, older_than=dt.timedelta(0)) == len(finished)
     assert _remaining(engine) == set(pending)
 
 
 def test_skips_rows_locked_by_others_instead_of_waiting(engine: Engine) -> None:
-    first, *others = _add(engine, TaskStatus.SUCCEEDED, days_ago=10, count=4)
+    first, *others = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=10, count=4)
     with engine.connect() as locker:
         locker.execute(text("SELECT id FROM pgotask_task WHERE id = :id FOR UPDATE"), {"id": first})
         # It does not wait for the lock (the test would time out): it leaves that row.
@@ -215,9 +161,9 @@ def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_cli_prune(database_url: str, engine: Engine) -> None:
-    old = {s: _add(engine, s, days_ago=10, count=2, errors=1) for s in FINISHED}
-    recent = _add(engine, TaskStatus.SUCCEEDED, days_ago=0.25)  # 6 hours ago
-    pending = _add(engine, TaskStatus.PENDING, days_ago=None)
+    old = {s: insert_aged_tasks(engine, s, days_ago=10, count=2, errors=1) for s in FINISHED}
+    recent = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=0.25)  # 6 hours ago
+    pending = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None)
 
     done = run_pgotask(["prune", "--older-than", "7d", "--status", "failed"], database_url)
     assert done.returncode == 0, done.stderr
@@ -248,8 +194,8 @@ def test_cli_prune(database_url: str, engine: Engine) -> None:
 def test_foreign_key_of_the_application_that_forbids_the_delete(
     database_url: str, engine: Engine
 ) -> None:
-    (kept,) = _add(engine, TaskStatus.SUCCEEDED, days_ago=10)
-    others = _add(engine, TaskStatus.SUCCEEDED, days_ago=10, count=2)
+    (kept,) = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=10)
+    others = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=10, count=2)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE invoice (task_id bigint REFERENCES pgotask_task (id))"))
         conn.execute(text("INSERT INTO invoice VALUES (:id)"), {"id": kept})

@@ -22,11 +22,8 @@ from sqla_pgotask import (
     resume_queue,
 )
 from tests.apps.ledger import create_ledger
+from tests.helpers import add_tasks, get_task, running, wait_until
 from tests.processes import pgotask_worker, run_pgotask
-from tests.test_prune import closed_port_url
-from tests.test_worker import add_tasks, get_task, running, wait_until
-
-__all__ = ["closed_port_url"]  # a fixture, used by name
 
 
 def _scheduler(session_factory: sessionmaker[Session], **kwargs: float) -> Scheduler:

@@ -29,7 +29,7 @@ from sqla_pgotask._claim import claim_tasks
 from sqla_pgotask._maintenance import node_id
 from sqla_pgotask.errors import WorkerStuckError
 from sqla_pgotask.worker import WorkerStats
-from tests.test_worker import (
+from tests.helpers import (
     AppBase,
     Ledger,
     add_tasks,
@@ -46,12 +46,6 @@ FAST = {
     "maintenance_interval": 0.3,
     "poll_interval": 0.2,
 }
-
-
-@pytest.fixture
-def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    AppBase.metadata.create_all(engine)
-    return session_factory
 
 
 def ledger_scheduler(app: sessionmaker[Session], **settings: float) -> Scheduler:

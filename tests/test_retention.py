@@ -14,8 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqla_pgotask import ConfigurationError, Retention, Scheduler, Task, TaskError, TaskStatus
 from sqla_pgotask._connections import dedicated_connection
 from sqla_pgotask.retention import RETENTION_LOCK, apply_retention
-from tests.test_prune import _add
-from tests.test_worker import running, wait_until
+from tests.helpers import insert_aged_tasks, running, wait_until
 
 DAY = dt.timedelta(days=1)
 
@@ -66,16 +65,16 @@ def test_scheduler_takes_a_retention_or_none(session_factory: sessionmaker[Sessi
 def test_a_pass_deletes_only_what_is_due_per_status_with_errors(
     engine: Engine, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    old_ok = _add(engine, TaskStatus.SUCCEEDED, days_ago=2, count=3, errors=1)
-    new_ok = _add(engine, TaskStatus.SUCCEEDED, days_ago=0.5)
-    old_failed = _add(engine, TaskStatus.FAILED, days_ago=20, errors=2)
-    kept_failed = _add(engine, TaskStatus.FAILED, days_ago=10, errors=1)
-    old_cancelled = _add(engine, TaskStatus.CANCELLED, days_ago=3)
-    live = _add(engine, TaskStatus.PENDING, days_ago=None) + _add(
+    old_ok = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2, count=3, errors=1)
+    new_ok = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=0.5)
+    old_failed = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=20, errors=2)
+    kept_failed = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=10, errors=1)
+    old_cancelled = insert_aged_tasks(engine, TaskStatus.CANCELLED, days_ago=3)
+    live = insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=None) + insert_aged_tasks(
         engine, TaskStatus.RUNNING, days_ago=None
     )
     # Pending or running rows with an old finished_at (a retry) are never touched.
-    live += _add(engine, TaskStatus.PENDING, days_ago=30)
+    live += insert_aged_tasks(engine, TaskStatus.PENDING, days_ago=30)
 
     deleted = apply_retention(conn, Retention(batch_size=2))
     assert deleted == len(old_ok + old_failed + old_cancelled)
@@ -86,8 +85,8 @@ def test_a_pass_deletes_only_what_is_due_per_status_with_errors(
 def test_none_keeps_a_status_forever(
     engine: Engine, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    failed = _add(engine, TaskStatus.FAILED, days_ago=400)
-    _add(engine, TaskStatus.SUCCEEDED, days_ago=400)
+    failed = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=400)
+    insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=400)
     assert apply_retention(conn, Retention(failed=None)) == 1
     assert _ids(engine) == set(failed)
     nothing = Retention(succeeded=None, failed=None, cancelled=None)
@@ -98,7 +97,7 @@ def test_none_keeps_a_status_forever(
 def test_one_worker_of_the_fleet_at_a_time(
     engine: Engine, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    old = _add(engine, TaskStatus.SUCCEEDED, days_ago=2)
+    old = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2)
     other = dedicated_connection(engine)
     try:
         # Another worker's batch, in its transaction.
@@ -123,7 +122,7 @@ def test_one_worker_of_the_fleet_at_a_time(
 def test_a_pass_is_bounded_in_time_and_the_next_one_goes_on(
     engine: Engine, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    _add(engine, TaskStatus.SUCCEEDED, days_ago=2, count=50)
+    insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2, count=50)
     quick = Retention(batch_size=5, max_seconds=1e-9)
     assert apply_retention(conn, quick) == 5  # one batch, then the time was up
     assert len(_ids(engine)) == 45
@@ -133,7 +132,7 @@ def test_a_pass_is_bounded_in_time_and_the_next_one_goes_on(
 def test_rows_locked_by_someone_else_wait_for_the_next_pass(
     engine: Engine, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    locked, free = _add(engine, TaskStatus.SUCCEEDED, days_ago=2, count=2)
+    locked, free = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2, count=2)
     with engine.connect() as other:
         other.execute(text("SELECT 1 FROM pgotask_task WHERE id = :id FOR UPDATE"), {"id": locked})
         assert apply_retention(conn, Retention()) == 1
@@ -146,8 +145,8 @@ def test_rows_locked_by_someone_else_wait_for_the_next_pass(
 def test_workers_apply_retention_in_their_maintenance_loop(
     engine: Engine, session_factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
-    old = _add(engine, TaskStatus.SUCCEEDED, days_ago=0.01, count=3)  # ~15 minutes ago
-    kept = _add(engine, TaskStatus.FAILED, days_ago=0.01)
+    old = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=0.01, count=3)  # ~15 minutes ago
+    kept = insert_aged_tasks(engine, TaskStatus.FAILED, days_ago=0.01)
     retention = Retention(succeeded=dt.timedelta(minutes=5), interval=0.2)
     scheduler = Scheduler(session_factory, retention=retention, maintenance_interval=0.2)
 
@@ -167,7 +166,7 @@ def test_a_failing_pass_does_not_stop_the_heartbeats(
     # An application table whose foreign key forbids deleting tasks.
     with engine.begin() as c:
         c.execute(text("CREATE TABLE app_ref (task_id bigint REFERENCES pgotask_task (id))"))
-    (old,) = _add(engine, TaskStatus.SUCCEEDED, days_ago=2)
+    (old,) = insert_aged_tasks(engine, TaskStatus.SUCCEEDED, days_ago=2)
     with engine.begin() as c:
         c.execute(text("INSERT INTO app_ref VALUES (:id)"), {"id": old})
     scheduler = Scheduler(

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,8 @@ from sqla_pgotask import RegisteredWorker, Task, TaskError, TaskStatus
 from sqla_pgotask.cli import _worker_process_args, build_parser
 from sqla_pgotask.supervisor import describe_exit, restart_delay
 from tests.apps.faulty import POISON_MAX_ATTEMPTS, SCHEDULER, LedgerEntry, create_ledger
-from tests.processes import WorkerProcess, pgotask_worker, run_pgotask, wait_until
+from tests.helpers import process_gone, wait_until
+from tests.processes import WorkerProcess, pgotask_worker, run_pgotask
 
 _STARTED = re.compile(r"worker process \d+/\d+ started \(pid (\d+)\)")
 _RESTART = re.compile(r"worker process (\d+) \(pid \d+\) .*; restarting it in ([\d.]+)s")
@@ -32,15 +32,6 @@ _RESTART = re.compile(r"worker process (\d+) \(pid \d+\) .*; restarting it in ([
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads process states from /proc"
 )
-
-
-@pytest.fixture
-def closed_port_url() -> Iterator[str]:
-    """A PostgreSQL URL whose port refuses connections: bound, never listening."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres?connect_timeout=5"
 
 
 @pytest.fixture
@@ -55,17 +46,8 @@ def _children(supervisor: WorkerProcess) -> list[int]:
     return [int(pid) for pid in _STARTED.findall(supervisor.log())]
 
 
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
 def _wait_gone(pid: int, timeout: float) -> None:
-    wait_until(lambda: _gone(pid), timeout, message=f"process {pid} to exit")
+    wait_until(lambda: process_gone(pid), timeout, message=f"process {pid} to exit")
 
 
 def _parent(pid: int) -> int:
@@ -98,7 +80,7 @@ def _supervisor(
         for pid in children:
             with contextlib.suppress(AssertionError):
                 _wait_gone(pid, 20)
-            if not _gone(pid):
+            if not process_gone(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -117,7 +99,7 @@ def _wait_registered(
         if not supervisor.alive():
             raise AssertionError(f"the supervisor exited with {supervisor.process.returncode}")
         pids = _registered_pids(session_factory)
-        live = {pid for pid in _children(supervisor) if not _gone(pid)}
+        live = {pid for pid in _children(supervisor) if not process_gone(pid)}
         return pids if len(pids) == processes and pids == live else set()
 
     return wait_until(registered, 60, interval=0.1, message=f"{processes} registered workers")
@@ -302,7 +284,7 @@ def test_worker_processes_share_the_work_and_stop_on_sigterm(
         wait_until(lambda: _unfinished(session_factory) == 0, 120, message="every task to finish")
 
         assert _stop(supervisor) == 0
-        assert all(_gone(pid) for pid in pids)
+        assert all(process_gone(pid) for pid in pids)
         log = supervisor.log()
         assert "SIGTERM: stopping the worker processes after their in-flight tasks" in log
         assert "all 2 worker processes stopped" in log
@@ -375,7 +357,7 @@ def test_second_signal_kills_the_worker_processes(
         supervisor.send(signal.SIGTERM)
         assert supervisor.wait(30) == 128 + signal.SIGTERM
         assert "second SIGTERM: killing" in supervisor.log()
-        assert all(_gone(pid) for pid in pids)
+        assert all(process_gone(pid) for pid in pids)
 
 
 @pytest.mark.slow

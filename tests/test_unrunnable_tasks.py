@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus
 from sqla_pgotask.testing import drain
-from tests.processes import wait_until
+from tests.helpers import wait_until
 
 DEEP = 5_000  # levels: fine for jsonb, past Python's recursion limit
 UNRUNNABLE = "sqla_pgotask.errors.UnrunnableTaskError"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import BigInteger, Engine, MetaData, String, func, select, text, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import (
     ConstantBackoff,
@@ -24,84 +22,7 @@ from sqla_pgotask import (
 from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._execute import BatchRunner, new_context
 from sqla_pgotask.context import Outcome
-from sqla_pgotask.worker import WorkerStats
-
-
-class AppBase(DeclarativeBase):
-    metadata = MetaData()
-
-
-class Ledger(AppBase):
-    """An application table handlers write to; unique per task."""
-
-    __tablename__ = "app_ledger"
-
-    task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    note: Mapped[str] = mapped_column(String(100), default="")
-
-
-@pytest.fixture
-def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    AppBase.metadata.create_all(engine)
-    return session_factory
-
-
-def add_tasks(session_factory: sessionmaker[Session], *tasks: Task) -> list[int]:
-    with session_factory.begin() as session:
-        session.add_all(tasks)
-        session.flush()
-        return [t.id for t in tasks]
-
-
-def get_task(session_factory: sessionmaker[Session], task_id: int) -> Task:
-    with session_factory() as session:
-        task = session.get(Task, task_id)
-        assert task is not None
-        session.expunge(task)
-        return task
-
-
-def ledger_ids(session_factory: sessionmaker[Session]) -> list[int]:
-    with session_factory() as session:
-        return list(session.scalars(select(Ledger.task_id).order_by(Ledger.task_id)))
-
-
-def errors_of(session_factory: sessionmaker[Session], task_id: int) -> list[TaskError]:
-    with session_factory() as session:
-        errors = list(
-            session.scalars(
-                select(TaskError).where(TaskError.task_id == task_id).order_by(TaskError.attempt)
-            )
-        )
-        session.expunge_all()
-        return errors
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def running(scheduler: Scheduler, **kwargs: object) -> Iterator[list[WorkerStats]]:
-    """Run ``scheduler.run()`` in a thread, LISTEN connected, until the block ends."""
-    stats: list[WorkerStats] = []
-    thread = threading.Thread(target=lambda: stats.append(scheduler.run(**kwargs)))  # type: ignore[arg-type]
-    thread.start()
-    try:
-        wait_until(lambda: scheduler.running_worker is not None)
-        worker = scheduler.running_worker
-        assert worker is not None
-        assert worker.listener.wait_connected(10)
-        yield stats
-    finally:
-        scheduler.stop()
-        thread.join(30)
-        assert not thread.is_alive()
-
+from tests.helpers import Ledger, add_tasks, errors_of, get_task, ledger_ids, running, wait_until
 
 # -- enqueue and wake-up ----------------------------------------------------------
 
