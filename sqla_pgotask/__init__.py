@@ -6,7 +6,6 @@ Session of the application's ``sessionmaker``, and the handler's writes commit
 together with the task's completion, or not at all.
 """
 
-from sqla_pgotask._limits import QueueLimit, RateLimit
 from sqla_pgotask.context import AttemptContext, Outcome, current_attempt
 from sqla_pgotask.enqueue import TaskFields, add_many
 from sqla_pgotask.errors import (
@@ -26,6 +25,7 @@ from sqla_pgotask.errors import (
     WorkerStuckError,
 )
 from sqla_pgotask.handlers import Handler
+from sqla_pgotask.limits import QueueLimit, RateLimit
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
 from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue

@@ -21,6 +21,7 @@ from sqlalchemy import func
 
 from sqla_pgotask._cli_arguments import (
     MAX_BATCH,
+    batch_size_option,
     duration,
     int4,
     non_empty,
@@ -36,7 +37,9 @@ from sqla_pgotask._cli_arguments import (
     text,
     whole_number,
 )
+from sqla_pgotask._cli_database import database_options, sessions
 from sqla_pgotask._cli_output import dump_json, terminal_text
+from sqla_pgotask._exit_codes import EXIT_ERROR, EXIT_OK, EXIT_SCHEMA, UsageError
 from sqla_pgotask.admin import (
     LIVE_STATUSES,
     TaskFilter,
@@ -46,15 +49,6 @@ from sqla_pgotask.admin import (
     list_tasks,
     queue_stats,
     retry_tasks,
-)
-from sqla_pgotask.cli import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_SCHEMA,
-    UsageError,
-    batch_size_option,
-    database_options,
-    sessions,
 )
 from sqla_pgotask.models import Task, TaskStatus
 

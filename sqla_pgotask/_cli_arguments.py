@@ -290,3 +290,14 @@ def run_at(value: str) -> dt.datetime | dt.timedelta:
             f"{shown(value)} is out of range: in UTC, it must fall in the years 1 to 9999"
         ) from None
     return when
+
+
+def batch_size_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--batch-size N`` of a bulk command: ``what`` one transaction handles."""
+    parser.add_argument(
+        "--batch-size",
+        type=batch,
+        default=default,
+        metavar="N",
+        help=f"{what} (default: {default})",
+    )

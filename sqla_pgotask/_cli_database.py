@@ -15,18 +15,28 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg.types.datetime import TimestampLoader, TimestamptzLoader
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 
+from sqla_pgotask._exit_codes import (
+    EXIT_ERROR,
+    EXIT_SCHEMA,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+)
 from sqla_pgotask.errors import ConfigurationError
 
 #: Where the URL comes from when ``--database-url`` is not given, first match wins.
@@ -231,11 +241,6 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 # -- database errors ----------------------------------------------------------------
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_SCHEMA = 4
-
 # What a SQLSTATE (its class, or the whole code) means to the command, first
 # match wins: https://www.postgresql.org/docs/current/errcodes-appendix.html
 _BY_SQLSTATE: list[tuple[tuple[str, ...], int, str]] = [
@@ -274,3 +279,45 @@ def database_error(exc: DBAPIError | psycopg.Error) -> tuple[int, str]:
         if sqlstate.startswith(prefixes):
             return code, message.format(reason=reason)
     return EXIT_ERROR, f"the database refused the command: {reason} (SQLSTATE {sqlstate})"
+
+
+# -- the options and sessions of the commands about the database -----------------
+
+DATABASE_URL_HELP = f"SQLAlchemy URL (default: ${URL_ENVIRONMENT[0]}, else ${URL_ENVIRONMENT[1]})"
+
+
+def database_options(parser: argparse.ArgumentParser) -> None:
+    """``--database-url`` and ``--json``: the options of every command about the database."""
+    parser.add_argument("--database-url", help=DATABASE_URL_HELP)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def database_url(args: argparse.Namespace) -> URL:
+    """The URL of ``--database-url``, else ``$PGOTASK_DATABASE_URL``, else ``$DATABASE_URL``."""
+    url = find_url(args.database_url)
+    if url is None:
+        raise UsageError(
+            f"no database URL: pass --database-url or set {URL_ENVIRONMENT[0]} "
+            f"(or {URL_ENVIRONMENT[1]})"
+        )
+    return url
+
+
+def database_engine(args: argparse.Namespace) -> Engine:
+    """An engine on :func:`database_url` that reads every row, odd values included."""
+    return create_cli_engine(database_url(args))
+
+
+@contextmanager
+def sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessionmaker[Session]]:
+    """A sessionmaker on ``--database-url``; the schema checked first (exit 4 if not at head)."""
+    from sqla_pgotask.schema import check_schema
+
+    engine = database_engine(args)
+    try:
+        factory = sessionmaker(engine)
+        if check:
+            check_schema(factory)
+        yield factory
+    finally:
+        engine.dispose()

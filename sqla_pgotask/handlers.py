@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from sqla_pgotask._limits import RateLimit, RateLimitSpec, as_rate_limit, check_max_running
 from sqla_pgotask.errors import ConfigurationError, NonRetryableError
+from sqla_pgotask.limits import RateLimit, RateLimitSpec, as_rate_limit, check_max_running
 from sqla_pgotask.models import Task
 from sqla_pgotask.retry import RetrySpec, RetryStrategy, as_strategy
 

@@ -37,17 +37,11 @@ from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._connection_slots import when_admitted
 from sqla_pgotask._connections import require_psycopg
 from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
-from sqla_pgotask._limits import (
-    QueueLimit,
-    RateLimitSpec,
-    as_rate_limit,
-    check_max_running,
-    claim_tasks_within_limits,
-    plan_limits,
-)
+from sqla_pgotask._limits import claim_tasks_within_limits, plan_limits
 from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
+from sqla_pgotask.limits import QueueLimit, RateLimitSpec, as_rate_limit, check_max_running
 from sqla_pgotask.middleware import Hooks, Middleware, OutcomeHook, check_callable
 from sqla_pgotask.models import Task, TaskStatus
 from sqla_pgotask.periodic import (

@@ -54,18 +54,21 @@ from dataclasses import dataclass
 from types import FrameType
 
 from sqla_pgotask._cli_arguments import MAX_PROCESSES
-from sqla_pgotask.cli import (
+from sqla_pgotask._exit_codes import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_SCHEMA,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
-    READY_FD_OPTION,
-    SUPERVISOR_PID_OPTION,
 )
 from sqla_pgotask.scheduler import Scheduler
 
 __all__ = ["ChildFailedError", "Supervisor", "describe_exit", "restart_delay", "watch_supervisor"]
+
+# Hidden options of ``pgotask worker``, passed by the supervisor to its worker
+# processes: the supervisor's pid, and the pipe to report readiness on.
+SUPERVISOR_PID_OPTION = "--supervisor-pid"
+READY_FD_OPTION = "--ready-fd"
 
 logger = logging.getLogger("sqla_pgotask.supervisor")
 

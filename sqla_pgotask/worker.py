@@ -38,7 +38,7 @@ from sqla_pgotask._execute import (
     KindTimes,
     new_context,
 )
-from sqla_pgotask._limits import LimitedClaims, QueueLimit, plan_limits
+from sqla_pgotask._limits import LimitedClaims, plan_limits
 from sqla_pgotask._listener import Listener
 from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask._periodic_thread import PeriodicThread
@@ -46,6 +46,7 @@ from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.errors import WorkerStuckError
 from sqla_pgotask.handlers import Handler
+from sqla_pgotask.limits import QueueLimit
 from sqla_pgotask.middleware import NO_HOOKS, Hooks
 from sqla_pgotask.models import Task
 from sqla_pgotask.periodic import Schedule

@@ -403,6 +403,6 @@ def test_signal_right_after_the_handlers_are_set_stops_cleanly(
 
     monkeypatch.setattr(supervisor, "watch_supervisor", signalled_while_watching)
     args = cli.build_parser().parse_args(
-        ["worker", "nosuchmodule:scheduler", cli.SUPERVISOR_PID_OPTION, str(os.getppid())]
+        ["worker", "nosuchmodule:scheduler", supervisor.SUPERVISOR_PID_OPTION, str(os.getppid())]
     )
     assert cli.cmd_worker(args) == cli.EXIT_OK

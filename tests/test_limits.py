@@ -29,11 +29,11 @@ from sqla_pgotask import (
 )
 from sqla_pgotask import _claim as claim_module
 from sqla_pgotask._limits import (
-    MAX_RATE_COUNT,
     claim_limited,
     claim_tasks_within_limits,
     plan_limits,
 )
+from sqla_pgotask.limits import MAX_RATE_COUNT
 from sqla_pgotask.models import LimitState
 from tests.apps.limited_app import RunLog, create_run_log, make_scheduler
 from tests.helpers import wait_until
