@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -63,6 +62,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from sqla_pgotask._proc import die_with_parent
+
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "ShutdownMode"]
 
 #: PostgreSQL shutdown modes, see :meth:`EmbeddedPostgres.stop_server`.
@@ -82,8 +83,6 @@ _UNPRIVILEGED_USER = "nobody"
 _IS_LINUX = sys.platform.startswith("linux")
 _EXE = ".exe" if os.name == "nt" else ""
 
-# prctl(2) option, from <linux/prctl.h>.
-_PR_SET_PDEATHSIG = 1
 # Parent-death signals (Linux only; the getattr keeps the module importable
 # where these signals do not exist). SIGQUIT makes the postmaster do an
 # immediate shutdown: it stops its children and removes postmaster.pid.
@@ -122,21 +121,6 @@ class _Install:
         return self.bin_dir / f"{name}{_EXE}"
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    if not _IS_LINUX:
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        return None
-    return prctl
-
-
-# Resolved once, in the parent: the child set-up below runs between fork and
-# exec and should do as little as possible.
-_PRCTL = _load_prctl()
-
 _install_lock = threading.Lock()
 _install_cache: dict[tuple[str, int | None], _Install] = {}
 
@@ -158,15 +142,7 @@ def _child_setup(parent_pid: int, deathsig: int) -> Callable[[], None]:
     ...) watch the postmaster and exit on their own once it is gone.
     """
 
-    def setup() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, deathsig, 0, 0, 0)
-            # The parent may have died between fork() and prctl(): then no
-            # signal will ever come, so give up now.
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    return setup
+    return die_with_parent(parent_pid, deathsig, 1)
 
 
 def _run_as() -> _RunAs | None:

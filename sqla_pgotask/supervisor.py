@@ -40,7 +40,6 @@ passed its start-up checks (:func:`watch_supervisor`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import selectors
@@ -61,6 +60,7 @@ from sqla_pgotask._exit_codes import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
+from sqla_pgotask._proc import die_with_parent
 from sqla_pgotask.scheduler import Scheduler
 
 __all__ = ["ChildFailedError", "Supervisor", "describe_exit", "restart_delay", "watch_supervisor"]
@@ -93,25 +93,6 @@ _MEANINGS = {
     EXIT_SCHEMA: "the database schema is missing or outdated",
 }
 
-# prctl(2) option, from <linux/prctl.h>.
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        return None
-    return prctl
-
-
-# Resolved once, in the supervisor: the set-up below runs between fork and
-# exec and should do as little as possible.
-_PRCTL = _load_prctl()
-
 
 def _tie_to_parent(parent_pid: int) -> Callable[[], None]:
     """The ``preexec_fn`` that has the kernel send SIGTERM to the child when we die.
@@ -122,14 +103,7 @@ def _tie_to_parent(parent_pid: int) -> Callable[[], None]:
     starts worker processes.
     """
 
-    def setup() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            # We may have died between fork() and prctl(): no signal would come.
-            if os.getppid() != parent_pid:
-                os._exit(EXIT_ERROR)
-
-    return setup
+    return die_with_parent(parent_pid, signal.SIGTERM, EXIT_ERROR)
 
 
 class ChildFailedError(Exception):
