@@ -5,7 +5,7 @@
 #
 #   benchmarks/run_side_by_side.sh                      # rawsql,pgqueuer,procrastinate,sqla_pgotask; w1-w4, 3 reps
 #   benchmarks/run_side_by_side.sh --workloads w1,w3 --w1-n 500 --w3-n 2000 --reps 1
-#   ADAPTERS=rawsql,pgqueuer benchmarks/run_side_by_side.sh --workloads w5 --reps 1
+#   ADAPTERS=rawsql,pgqueuer benchmarks/run_side_by_side.sh --workloads w5 --reps 1   # W5: text and ORM handlers
 #   benchmarks/run_side_by_side.sh --report "$PWD/benchmarks/results/latest.md"
 #
 # Every argument goes to `python -m bench.run`.  If no --adapters is given,
@@ -21,6 +21,10 @@ HARNESS_SRC="${HARNESS_SRC:-$REPO/../shared/bench}"
 BENCH_DIR="${BENCH_DIR:-${TMPDIR:-/tmp}/sqla_pgotask-bench}"
 PYTHON="${PYTHON:-python3}"
 OURS="$REPO/benchmarks/sqla_pgotask_adapter.py:SqlaPgotaskAdapter"
+# With W5, both handler styles: session.execute(text(...)) and the ORM's.
+case " $* " in
+    *w5*) OURS="$OURS,$REPO/benchmarks/sqla_pgotask_adapter.py:SqlaPgotaskOrmAdapter" ;;
+esac
 ADAPTERS="${ADAPTERS:-rawsql,pgqueuer,procrastinate}"
 
 if [ ! -d "$HARNESS_SRC/bench" ]; then

@@ -25,7 +25,9 @@ How the library is used (its documented idioms, nothing bench-specific):
   transaction as the task's completion: one commit per job for work plus
   completion, plus the claim's own short transaction.  This is the library's
   design under test ("handler writes + completion commit together"), not one
-  extra transaction per job.
+  extra transaction per job.  ``SqlaPgotaskOrmAdapter`` (``sqla_pgotask_orm``
+  in the report) does the same work in the ORM's idiom: ``session.get(Ref,
+  key)`` and ``session.add(Row(...))`` on declarative models of the two tables.
 
 The library is synchronous: every blocking call runs in a thread
 (``asyncio.to_thread``) so the adapter's async contract holds.  The harness's
@@ -80,6 +82,9 @@ class SqlaPgotaskAdapter(Adapter):
         "bulk": "add_many",  # W2: "add_many" (the bulk API) or "add_all" (the ORM)
     }
     _engine: Any = None
+    #: How the W5 handler reaches its tables: "text" (``session.execute(text(...))``)
+    #: or "orm" (declarative models; see SqlaPgotaskOrmAdapter).
+    w5_style = "text"
 
     @classmethod
     def versions(cls) -> dict[str, str]:
@@ -191,6 +196,8 @@ class SqlaPgotaskAdapter(Adapter):
         await asyncio.to_thread(self._warm_worker)
 
     async def worker_setup_w5(self, handler: Handler) -> None:
+        if self.w5_style == "orm":
+            return await self._worker_setup_w5_orm(handler)
         from sqlalchemy import text
 
         scheduler = self._scheduler()
@@ -209,6 +216,37 @@ class SqlaPgotaskAdapter(Adapter):
                 read, dict(zip(read_names, (w5_key(seq),), strict=True))
             ).scalar_one()
             session.execute(write, dict(zip(write_names, (seq, v), strict=True)))
+
+        await asyncio.to_thread(self._warm_worker)
+
+    async def _worker_setup_w5_orm(self, handler: Handler) -> None:
+        from sqlalchemy import BigInteger, Integer, Text
+        from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+        class Base(DeclarativeBase):
+            pass
+
+        class Ref(Base):
+            __tablename__ = "bench_app_ref"
+            id: Mapped[int] = mapped_column(Integer, primary_key=True)
+            v: Mapped[str] = mapped_column(Text)
+
+        class Row(Base):
+            __tablename__ = "bench_app_rows"
+            id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+            seq: Mapped[int] = mapped_column(BigInteger)
+            v: Mapped[str] = mapped_column(Text)
+
+        scheduler = self._scheduler()
+        bench_handler = self._locked(handler)
+
+        @scheduler.handler(KIND)
+        def bench_w5_orm(session: Any, task: Any) -> None:
+            payload = task.payload
+            bench_handler(payload)
+            seq = payload["seq"]
+            ref = session.get(Ref, w5_key(seq))
+            session.add(Row(seq=seq, v=ref.v))
 
         await asyncio.to_thread(self._warm_worker)
 
@@ -243,3 +281,10 @@ class SqlaPgotaskAdapter(Adapter):
 
     def sql_completed(self) -> str:
         return "SELECT count(*) FROM pgotask_task WHERE status = 'succeeded'"
+
+
+class SqlaPgotaskOrmAdapter(SqlaPgotaskAdapter):
+    """The same library, W5's handler in the ORM's idiom (``session.get``, ``session.add``)."""
+
+    name = "sqla_pgotask_orm"
+    w5_style = "orm"
