@@ -221,21 +221,23 @@ class SqlaPgotaskAdapter(Adapter):
 
     async def _worker_setup_w5_orm(self, handler: Handler) -> None:
         from sqlalchemy import BigInteger, Integer, Text
-        from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+        from sqlalchemy.orm import DeclarativeBase, mapped_column
 
+        # Unannotated columns: this module's annotations are strings, and
+        # these names are imported here, where workers need them.
         class Base(DeclarativeBase):
             pass
 
         class Ref(Base):
             __tablename__ = "bench_app_ref"
-            id: Mapped[int] = mapped_column(Integer, primary_key=True)
-            v: Mapped[str] = mapped_column(Text)
+            id = mapped_column(Integer, primary_key=True)
+            v = mapped_column(Text, nullable=False)
 
         class Row(Base):
             __tablename__ = "bench_app_rows"
-            id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-            seq: Mapped[int] = mapped_column(BigInteger)
-            v: Mapped[str] = mapped_column(Text)
+            id = mapped_column(BigInteger, primary_key=True)
+            seq = mapped_column(BigInteger, nullable=False)
+            v = mapped_column(Text, nullable=False)
 
         scheduler = self._scheduler()
         bench_handler = self._locked(handler)
