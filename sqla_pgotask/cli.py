@@ -86,8 +86,6 @@ __all__ = [
     "main",
 ]
 
-DATABASE_URL_ENV = URL_ENVIRONMENT[0]
-
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # With several worker processes writing to one stderr, say which one speaks.
 _LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"

@@ -46,6 +46,20 @@ def _noop(session: Session, task: Task) -> None:
     return None
 
 
+def _held_by_another_worker(session_factory: sessionmaker[Session], task_id: int) -> None:
+    """Mark ``task_id`` running under another worker's lease, an hour long."""
+    with session_factory.begin() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(
+                status=TaskStatus.RUNNING,
+                locked_by="w",
+                lease_expires_at=func.now() + dt.timedelta(hours=1),
+            )
+        )
+
+
 def _enqueue(
     session_factory: sessionmaker[Session], kind: str, count: int, **values: object
 ) -> list[int]:
@@ -481,16 +495,7 @@ def test_run_until_idle_respects_max_running(session_factory: sessionmaker[Sessi
     scheduler.handler("free")(_noop)
     busy, *_ = _enqueue(session_factory, "k", 3)
     _enqueue(session_factory, "free", 2)
-    with session_factory.begin() as session:  # another worker is running one
-        session.execute(
-            update(Task)
-            .where(Task.id == busy)
-            .values(
-                status=TaskStatus.RUNNING,
-                locked_by="w",
-                lease_expires_at=func.now() + dt.timedelta(hours=1),
-            )
-        )
+    _held_by_another_worker(session_factory, busy)  # another worker is running one
     assert scheduler.run_until_idle(batch_size=10) == 2  # the unlimited ones only
     with session_factory.begin() as session:
         session.execute(update(Task).where(Task.id == busy).values(status=TaskStatus.SUCCEEDED))
@@ -646,16 +651,7 @@ def test_worker_at_its_limit_does_not_spin(
     scheduler = Scheduler(session_factory, concurrency=2, poll_interval=0.25)
     scheduler.handler("k", max_running=1)(_noop)
     busy, *_ = _enqueue(session_factory, "k", 3)
-    with session_factory.begin() as session:  # held by "another worker"
-        session.execute(
-            update(Task)
-            .where(Task.id == busy)
-            .values(
-                status=TaskStatus.RUNNING,
-                locked_by="w",
-                lease_expires_at=func.now() + dt.timedelta(hours=1),
-            )
-        )
+    _held_by_another_worker(session_factory, busy)
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     try:
