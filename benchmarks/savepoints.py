@@ -38,7 +38,8 @@ import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask import Scheduler, Task, _savepoints
+from sqla_pgotask import Scheduler, Task
+from sqla_pgotask.engine import savepoints as _savepoints
 from sqla_pgotask.migrate import upgrade
 
 DB = "pgotask_bench_savepoints"
@@ -60,12 +61,10 @@ class _Separate(_savepoints.LazySavepoints):
 class _Dropped(_savepoints.LazySavepoints):
     """Never sends a task's savepoint (unsafe): what the rest of the library costs."""
 
+    def rollback_to(self, name: str) -> str | None:
+        return None if name == self.name else name
+
     def execute(self, cursor: Any, statement: str, run: Any) -> bool:
-        if self.armed and self.name is None and statement.startswith("SAVEPOINT"):
-            self.name = statement.rsplit(maxsplit=1)[-1]
-            return True
-        if self.name is not None and statement.endswith(self.name):
-            return True
         self.statements += 1
         return False
 
@@ -73,10 +72,20 @@ class _Dropped(_savepoints.LazySavepoints):
 class _Passthrough(_savepoints.LazySavepoints):
     """Sends every statement as SQLAlchemy asks: SAVEPOINT and RELEASE included."""
 
+    def hold(self, name: str) -> bool:
+        if self.armed:
+            self.open += 1
+        return False
+
+    def release(self, name: str) -> bool:
+        return False
+
+    def rollback_to(self, name: str) -> str | None:
+        self.statements += 1
+        return name
+
     def execute(self, cursor: Any, statement: str, run: Any) -> bool:
         self.statements += 1
-        if statement.startswith("SAVEPOINT") and self.armed:
-            self.open += 1
         return False
 
 

@@ -33,12 +33,13 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from sqla_pgotask._claim import claim_tasks, release_tasks
 from sqla_pgotask._connection_slots import when_admitted
 from sqla_pgotask._connections import require_psycopg
-from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
-from sqla_pgotask._limits import claim_tasks_within_limits, plan_limits
 from sqla_pgotask._maintenance import Timing
+from sqla_pgotask.engine.claims import SessionConnection, claim_source
+from sqla_pgotask.engine.limit_plan import plan_limits
+from sqla_pgotask.engine.loop import TaskLoop
+from sqla_pgotask.engine.run import BatchLimits, BatchRunner
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
 from sqla_pgotask.limits import QueueLimit, RateLimitSpec, as_rate_limit, check_max_running
@@ -595,44 +596,18 @@ class Scheduler:
         runner = BatchRunner(
             self.session_factory, self._bind(), self._handlers, worker_id, limits, hooks=self.hooks
         )
-        plan = plan_limits(self._handlers, self._queue_limits, served)
-        count = 0
-        while max_tasks is None or count < max_tasks:
-            limit = batch_size if max_tasks is None else min(batch_size, max_tasks - count)
-            if plan is not None:  # limited tasks: never waited for here
-                tasks = claim_tasks_within_limits(
-                    self.session_factory,
-                    plan,
-                    worker_id=worker_id,
-                    limit=limit,
-                    lease_seconds=self.settings.timing.lease,
-                )
-            else:
-                tasks = claim_tasks(
-                    self.session_factory,
-                    worker_id=worker_id,
-                    kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
-                    queues=served,
-                    limit=limit,
-                    lease_seconds=self.settings.timing.lease,
-                )
-            if not tasks:
-                if tasks.refused:  # the claim took only tasks that cannot run (now failed)
-                    continue
-                break
-            rest = [(task, new_context(task, self._handlers[task.kind])) for task in tasks]
-            while rest:
-                try:
-                    outcomes, rest = runner.run_chunk(rest)
-                except BaseException as exc:
-                    # Interrupted (Ctrl-C, a database failure): what did not
-                    # commit goes back (the release is fenced: what did is kept).
-                    release_tasks(self.session_factory, [task for task, _ in rest])
-                    if isinstance(exc, BatchLostError):
-                        raise exc.cause from None
-                    raise
-                count += len(outcomes)
-        return count
+        source = claim_source(
+            SessionConnection(self.session_factory),
+            worker_id=worker_id,
+            kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
+            queues=served,
+            lease_seconds=self.settings.timing.lease,
+            # Limited tasks: never waited for here (the claims are not gated).
+            plan=plan_limits(self._handlers, self._queue_limits, served),
+        )
+        return TaskLoop(source, runner, self._handlers).run_until_idle(
+            batch_size=batch_size, max_tasks=max_tasks
+        )
 
     def _require_handlers(self) -> None:
         if not self._handlers:

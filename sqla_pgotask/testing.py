@@ -33,15 +33,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, event, func, select, update
+from sqlalchemy import Connection, Engine, event, func, select
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import BatchLimits, BatchLostError, BatchRunner, new_context
+from sqla_pgotask._queries import query
 from sqla_pgotask.context import Outcome
+from sqla_pgotask.engine.claims import SessionConnection, claim_source
+from sqla_pgotask.engine.limit_plan import plan_limits
+from sqla_pgotask.engine.loop import Outcomes, TaskLoop
+from sqla_pgotask.engine.run import BatchLimits, BatchRunner
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.handlers import Handler, HandlerFunc
-from sqla_pgotask.models import TASK_BIND, QueueState, Task, TaskError, TaskStatus
+from sqla_pgotask.models import TASK_BIND, Task, TaskError, TaskStatus
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.schema import check_schema
 from sqla_pgotask.worker import new_worker_id
@@ -187,8 +190,9 @@ def drain(
     ``queues``: only these queues (default: every queue; paused queues are
     skipped, as a worker skips them).  ``kinds``: only these kinds (default:
     every kind with a handler; a pending task of a kind without one then
-    raises :class:`~sqla_pgotask.UnknownKindError`).  Fleet-wide limits are
-    not applied.
+    raises :class:`~sqla_pgotask.UnknownKindError`).  Fleet-wide limits
+    hold as in a worker and are never waited for: a task a limit holds back
+    is left pending.
 
     ``include_future``: also run tasks scheduled later, retries after their
     backoff and snoozed tasks, earliest first, by setting their ``run_at`` to
@@ -256,7 +260,7 @@ class _Drain:
             kind: _capturing(h, self.errors) for kind, h in handlers.items() if kind in self.kinds
         }
         self.worker_id = new_worker_id()
-        self.runner = BatchRunner(
+        runner = BatchRunner(
             self.factory,
             _bind_of(self.factory),
             self.handlers,
@@ -264,45 +268,23 @@ class _Drain:
             BatchLimits(size=1),
             hooks=scheduler.hooks,
         )
+        source = claim_source(
+            SessionConnection(self.factory),
+            worker_id=self.worker_id,
+            kinds={kind: h.max_attempts for kind, h in self.handlers.items()},
+            queues=self.queues,
+            lease_seconds=scheduler.settings.timing.lease,
+            # Fleet-wide limits hold as in a worker, never waited for.
+            plan=plan_limits(self.handlers, scheduler.queue_limits, self.queues),
+        )
+        self.loop = TaskLoop(source, runner, self.handlers)
         check_schema(self.factory)
 
     def run(self, result: DrainResult, max_tasks: int) -> None:
         first: dict[int, None] = {}
-        ran = 0
-        kinds = {kind: h.max_attempts for kind, h in self.handlers.items()}
-        while True:
-            if ran >= max_tasks:
-                if self._remaining():
-                    raise DrainLimitError(
-                        f"drain ran {ran} attempts (max_tasks) and tasks are still due "
-                        f"({self._describe_remaining()}): does a handler re-enqueue or "
-                        "snooze its task forever?",
-                        result,
-                    )
-                break
-            tasks = claim_tasks(
-                self.factory,
-                worker_id=self.worker_id,
-                kinds=kinds,
-                queues=self.queues,
-                limit=1,
-                lease_seconds=self.lease,
-            )
-            if not tasks:
-                if tasks.refused or (self.include_future and self._advance()):
-                    continue
-                break
-            task = tasks[0]
-            ctx = new_context(task, self.handlers[task.kind])
-            try:
-                outcomes, _ = self.runner.run_chunk([(task, ctx)])
-            except BaseException as exc:
-                release_tasks(self.factory, [task])
-                if isinstance(exc, BatchLostError):
-                    raise exc.cause from None
-                raise
+
+        def record(outcomes: Outcomes) -> None:
             for done, outcome in outcomes:
-                ran += 1
                 first.setdefault(done.task_id)
                 attempt = RanAttempt(
                     task_id=done.task_id,
@@ -318,52 +300,52 @@ class _Drain:
                 result.attempts.append(attempt)
                 if self.raise_on_failure and attempt.outcome in _FAILURES:
                     result.tasks = self._load(list(first))
-                    raise HandlerFailedError(attempt, ctx.max_attempts, result) from attempt.error
+                    raise HandlerFailedError(attempt, done.max_attempts, result) from attempt.error
+
+        ran = self.loop.run_until_idle(
+            batch_size=1,
+            max_tasks=max_tasks,
+            on_outcomes=record,
+            when_idle=self._advance if self.include_future else None,
+        )
+        if ran >= max_tasks and self._remaining():
+            raise DrainLimitError(
+                f"drain ran {ran} attempts (max_tasks) and tasks are still due "
+                f"({self._describe_remaining()}): does a handler re-enqueue or "
+                "snooze its task forever?",
+                result,
+            )
         if self.all_kinds:
             self._check_unknown_kinds()
         result.tasks = self._load(list(first))
 
-    def _where(self, kinds: list[str] | None = None) -> list[Any]:
-        paused = select(QueueState.name).where(QueueState.paused_at.is_not(None))
-        conditions = [
-            Task.status == TaskStatus.PENDING,
-            Task.kind.in_(self.kinds if kinds is None else kinds),
-            Task.queue.not_in(paused),
-        ]
-        if self.queues is not None:
-            conditions.append(Task.queue.in_(self.queues))
-        return conditions
+    def _claimable(self, *, include_future: bool) -> list[tuple[str, int]]:
+        """The claimable tasks left, by kind (what a worker of these kinds and queues would run)."""
+        with self.factory() as session:
+            rows = session.execute(
+                query("claimable_by_kind"),
+                {"kinds": self.kinds, "queues": self.queues, "include_future": include_future},
+                bind_arguments=TASK_BIND,
+            ).all()
+        return [(kind, n) for kind, n in rows]
 
     def _advance(self) -> bool:
         """Make the earliest tasks scheduled later due now; whether there were any."""
-        future = and_(*self._where(), Task.run_at > func.now())
         with self.factory() as session:
-            earliest = select(func.min(Task.run_at)).where(future).scalar_subquery()
             moved = session.execute(
-                update(Task)
-                .where(future, Task.run_at == earliest)
-                .values(run_at=func.now())
-                .execution_options(synchronize_session=False)
+                query("advance_earliest"),
+                {"kinds": self.kinds, "queues": self.queues},
+                bind_arguments=TASK_BIND,
             ).rowcount  # type: ignore[attr-defined]
             session.commit()
         return bool(moved)
 
     def _remaining(self) -> bool:
-        conditions = self._where()
-        if not self.include_future:
-            conditions.append(Task.run_at <= func.now())
-        with self.factory() as session:
-            return session.scalar(select(Task.id).where(*conditions).limit(1)) is not None
+        return bool(self._claimable(include_future=self.include_future))
 
     def _describe_remaining(self) -> str:
-        conditions = self._where()
-        if not self.include_future:
-            conditions.append(Task.run_at <= func.now())
-        with self.factory() as session:
-            rows = session.execute(
-                select(Task.kind, func.count()).where(*conditions).group_by(Task.kind)
-            ).all()
-        return ", ".join(f"{n} of kind {kind!r}" for kind, n in sorted(rows))
+        rows = self._claimable(include_future=self.include_future)
+        return ", ".join(f"{n} of kind {kind!r}" for kind, n in rows)
 
     def _check_unknown_kinds(self) -> None:
         conditions = [Task.status == TaskStatus.PENDING, Task.kind.not_in(self.kinds)]

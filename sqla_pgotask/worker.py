@@ -1,14 +1,19 @@
-"""The worker: claims due tasks in batches and runs them on handler threads.
+"""The threaded worker: handler threads that each claim, run and settle their own batches.
 
-One thread claims (one autocommitted statement per claim, sized to the free
-capacity: what the worker has been finishing in two ``batch_window``
-seconds, at least one task per handler thread and at most ``batch_size``);
-``concurrency`` handler threads each take a share of the claimed tasks and
-run them in batches, one transaction per batch (see
-:mod:`sqla_pgotask._execute`); a listener thread turns ``NOTIFY`` into
-wake-ups and cancellation requests; a maintenance thread extends the leases
-of claimed tasks and rescues other workers' lost ones.  The claim loop polls
-every ``poll_interval`` seconds in case a notification was missed.
+Each of the ``concurrency`` handler threads drives the engine's loop
+(:mod:`sqla_pgotask.engine.loop`): it claims a batch for itself (sized to
+what the worker has been finishing in two ``batch_window`` seconds, its
+share of that, at least one task and at most ``batch_size``), runs it, one
+transaction per batch (see :mod:`sqla_pgotask.engine.run`), and claims
+again.  Claims are taken one at a time (a lock), on one autocommit
+connection the worker keeps.  A thread whose claim came back full rings the
+doorbell, so another idle thread claims too; one that found nothing waits
+for the doorbell: a ``NOTIFY`` (the listener thread), a delayed task falling
+due, or the poll every ``poll_interval`` seconds in case a notification was
+missed.  The thread that called :meth:`Worker.run` keeps that time and
+watches for handler threads stuck far past their timeout.  A maintenance
+thread extends the leases of claimed tasks and rescues other workers' lost
+ones.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import random
 import secrets
 import socket
@@ -28,27 +32,28 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._claim import Claimer, release_tasks
-from sqla_pgotask._execute import (
+from sqla_pgotask._listener import Listener
+from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
+from sqla_pgotask._periodic_thread import PeriodicThread
+from sqla_pgotask._queries import query
+from sqla_pgotask.context import AttemptContext, Outcome
+from sqla_pgotask.engine import settle
+from sqla_pgotask.engine.claims import KeptConnection, LimitedClaims, claim_source
+from sqla_pgotask.engine.limit_plan import plan_limits
+from sqla_pgotask.engine.loop import TaskLoop
+from sqla_pgotask.engine.run import (
     IDLE_TIMEOUT_MARGIN,
     BatchLimits,
     BatchLostError,
     BatchRunner,
     Item,
     KindTimes,
-    new_context,
 )
-from sqla_pgotask._limits import LimitedClaims, plan_limits
-from sqla_pgotask._listener import Listener
-from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
-from sqla_pgotask._periodic_thread import PeriodicThread
-from sqla_pgotask._queries import query
-from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.errors import WorkerStuckError
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.limits import QueueLimit
 from sqla_pgotask.middleware import NO_HOOKS, Hooks
-from sqla_pgotask.models import Task
+from sqla_pgotask.models import TASK_BIND
 from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.retention import Retention
 
@@ -56,6 +61,8 @@ logger = logging.getLogger("sqla_pgotask.worker")
 
 # Seconds after a delayed task's run_at that an idle worker claims again.
 _DUE_MARGIN = 0.005
+# Seconds a handler thread first waits for the database to come back.
+_FIRST_BACKOFF = 0.05
 
 #: Seconds past its handler's ``timeout`` after which a running attempt's
 #: thread counts as stuck: the server has cut off its SQL (and its idle
@@ -155,6 +162,53 @@ class Throughput:
             return self._rate
 
 
+class Doorbell:
+    """Wakes one idle handler thread per ring; a ring while none waits is kept (one)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rung = False
+        self._closed = False
+        #: Handler threads waiting for a ring.
+        self.waiting = 0
+
+    def set(self) -> None:
+        """Ring: one waiting thread wakes (or the next to wait does not wait)."""
+        with self._cond:
+            self._rung = True
+            self._cond.notify()
+
+    def wait(self) -> None:
+        """Wait for a ring (or :meth:`close`)."""
+        with self._cond:
+            self.waiting += 1
+            try:
+                while not self._rung and not self._closed:
+                    self._cond.wait()
+                self._rung = False
+            finally:
+                self.waiting -= 1
+
+    def close(self) -> None:
+        """Wake every waiting thread, now and from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _Notice:
+    """What the listener sets on a notification: the doorbell, and the limits' gate."""
+
+    def __init__(self, doorbell: Doorbell, limited: LimitedClaims | None) -> None:
+        self._doorbell = doorbell
+        self._limited = limited
+
+    def set(self) -> None:
+        if self._limited is not None:
+            self._limited.kick()
+        self._doorbell.set()
+
+
 class Worker:
     """A running worker; made and driven by :meth:`Scheduler.run`."""
 
@@ -176,19 +230,27 @@ class Worker:
         self.bind = engine if bind is None else bind
         self.times = KindTimes()
         self._throughput = Throughput()
-        self._claimer = Claimer(engine)
         self.handlers = dict(handlers)
         self.settings = settings
         self.worker_id = worker_id
         self.stats = WorkerStats()
         self._max_attempts = {kind: h.max_attempts for kind, h in sorted(self.handlers.items())}
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        # Claims are taken one at a time: a claim that failed in flight may
+        # have committed unseen, and its rows are given back (knowing every
+        # task the worker holds) before the next one.
+        self._claim_lock = threading.Lock()
+        self._orphans_possible = False
+        self._claim_failures = 0
+        self.doorbell = Doorbell()
+        # When the watching thread rings next by time alone (a poll, a
+        # delayed task falling due, a rate window), as time.monotonic().
+        self._tick = threading.Condition()
+        self._ring_at: float | None = None
         # Claimed attempts not finished yet, queued or running, by task id.
         self._in_flight: dict[int, AttemptContext] = {}
         self._running: dict[int, AttemptContext] = {}
-        self._work: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         #: Set when every handler thread got stuck: run() raises WorkerStuckError.
         self._stuck = False
@@ -201,24 +263,31 @@ class Worker:
             queues=settings.queues,
             concurrency=settings.concurrency,
         )
-        # Fleet-wide limits: limited tasks go through a locked claim (see _limits).
-        plan = plan_limits(self.handlers, queue_limits or {}, settings.queues)
-        self._limited = (
-            None
-            if plan is None
-            else LimitedClaims(engine, plan, poll_interval=settings.poll_interval, wake=self._wake)
+        # Fleet-wide limits: limited tasks go through a locked claim (see engine.claims).
+        self.source = claim_source(
+            KeptConnection(engine),
+            worker_id=worker_id,
+            kinds=self._max_attempts,
+            queues=settings.queues,
+            lease_seconds=settings.timing.lease,
+            plan=plan_limits(self.handlers, queue_limits or {}, settings.queues),
+            poll_interval=settings.poll_interval,
         )
-        notice = self._wake if self._limited is None else self._limited.notice
+        limited = self.source if isinstance(self.source, LimitedClaims) else None
+        notice = _Notice(self.doorbell, limited)
         # Started only if settings.listen; on listen_engine, if given.
         self.listener = Listener(
-            listen_engine or engine, notice, settings.queues, self._cancel_requested
+            listen_engine or engine,
+            notice,  # type: ignore[arg-type]
+            settings.queues,
+            self._cancel_requested,
         )
         self.maintenance = Maintenance(
             engine,
             self.identity,
             settings.timing,
             self._attempts,
-            self._wake.set,
+            self.doorbell.set,
             retention=settings.retention,
         )
         # Enqueues the periodic schedules of this worker's kinds and queues.
@@ -227,7 +296,9 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop; :meth:`run` returns once in-flight tasks finished."""
         self._stopping.set()
-        self._wake.set()
+        self.doorbell.close()
+        with self._tick:
+            self._tick.notify_all()
 
     def run(self) -> None:
         """Claim and run tasks until :meth:`stop`."""
@@ -254,22 +325,27 @@ class Worker:
                 self._threads.append(thread)
         except BaseException:
             # Say, the system refused another thread: leave no registry row
-            # (nor threads) behind a worker that never ran.
+            # (nor threads, nor connections) behind a worker that never ran.
+            self.stop()
             self._shutdown()
+            self._close_source()
             raise
         try:
-            self._claim_loop()
+            self._watch()
         finally:
-            self._claimer.close()
-            if self._limited is not None:
-                self._limited.close()
+            self.stop()
             self._shutdown()
+            self._close_source()
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
         if self._stuck:
             raise WorkerStuckError(
                 f"worker {self.worker_id}: every handler thread ({self.settings.concurrency}) "
                 "is stuck in a handler far past its timeout"
             )
+
+    def _close_source(self) -> None:
+        with self._claim_lock:  # not under a claim of a thread still finishing
+            self.source.close()
 
     def _attempts(self) -> list[AttemptContext]:
         with self._lock:
@@ -282,7 +358,7 @@ class Worker:
             ctx.request_cancel()
 
     def capacity(self, usable: int | None = None) -> int:
-        """How many claimed tasks to hold: what the worker finishes in two batch windows.
+        """How many claimed tasks the worker holds at most: what it finishes in two batch windows.
 
         At least one per usable handler thread (``usable``, all of them by
         default), at most ``batch_size`` per thread.  Judged by throughput
@@ -295,82 +371,127 @@ class Worker:
         wanted = int(rate * 2 * limits.window)
         return max(concurrency, min(concurrency * limits.size, wanted))
 
-    def _claim_loop(self) -> None:
+    # -- the watching thread (the one that called run) -------------------------
+
+    def _watch(self) -> None:
+        """Until stopped: poll (ring the doorbell) when due, and watch for stuck threads."""
         settings = self.settings
-        failures = 0
-        # A claim that failed in flight may have committed unseen: its rows
-        # are given back before the next claim (see Claimer.release_orphans).
-        orphans_possible = False
+        next_poll = time.monotonic()
         while not self._stopping.is_set():
-            self._wake.clear()
             stuck, next_stuck = self._stuck_slots()
-            usable = settings.concurrency - stuck
-            if usable <= 0:
+            if settings.concurrency - stuck <= 0:
                 self._all_stuck()
                 return
-            capacity = self.capacity(usable)
-            with self._lock:
-                # Tasks held by stuck threads take no capacity: they are not
-                # ours any more (their lease ran out) and will not return soon.
-                free = capacity - len(self._in_flight) + stuck
-            # Jitter, so idle workers woken by the same notification do not
-            # go on polling in step.
-            wait = settings.poll_interval * random.uniform(0.9, 1.1)
-            if next_stuck is not None:  # look again when a handler overruns
-                wait = min(wait, next_stuck)
-            # Below a quarter of the capacity free, wait for more room.
-            if free > 0 and free * 4 >= capacity:
-                try:
-                    if orphans_possible:
-                        self._release_orphans()
-                        orphans_possible = False
-                    if self._limited is not None:  # limited tasks first, then the rest
-                        tasks = self._limited.claim(
-                            self._claimer,
-                            worker_id=self.worker_id,
-                            limit=free,
-                            lease_seconds=settings.timing.lease,
-                        )
-                    else:
-                        tasks = self._claimer.claim(
-                            worker_id=self.worker_id,
-                            kinds=self._max_attempts,
-                            queues=settings.queues,
-                            limit=free,
-                            lease_seconds=settings.timing.lease,
-                        )
-                    failures = 0
-                except Exception as exc:
-                    # The first retry is quick: after a restart or a killed
-                    # connection the pool has already dropped its dead ones.
-                    orphans_possible = True
-                    failures += 1
-                    delay = min(0.05 * 2 ** (failures - 1), settings.poll_interval, 5.0)
-                    logger.warning("claim failed (%s); retrying in %.2fs", brief(exc), delay)
-                    self._stopping.wait(delay)
-                    continue
-                if tasks.refused:
-                    with self._lock:
-                        self.stats.refused += tasks.refused
-                        self.stats.failed += tasks.refused
-                for task in tasks:
-                    ctx = new_context(task, self.handlers[task.kind])
-                    with self._lock:
-                        self._in_flight[task.id] = ctx
-                    self._work.put((task, ctx))
-                if not tasks and not tasks.refused:  # nothing is due: when will something be?
-                    wait = min(wait, self._until_next_due())
-                hint = None if self._limited is None else self._limited.wait_hint()
-                if hint is not None:  # a full rate window frees a start then
-                    wait = min(wait, hint)
-                elif tasks.refused and not tasks:
-                    wait = 0.0  # the claim took only unrunnable tasks: claim again now
-            self._wake.wait(wait)
+            now = time.monotonic()
+            with self._tick:
+                ring_at = self._ring_at
+                if ring_at is not None and ring_at <= now:
+                    self._ring_at = ring_at = None
+                    self.doorbell.set()
+                if now >= next_poll:
+                    # Jitter, so idle workers woken by the same notification do
+                    # not go on polling in step.
+                    next_poll = now + settings.poll_interval * random.uniform(0.9, 1.1)
+                    if self.doorbell.waiting:
+                        self.doorbell.set()
+                wake = next_poll if ring_at is None else min(next_poll, ring_at)
+                if next_stuck is not None:  # look again when a handler overruns
+                    wake = min(wake, now + next_stuck)
+                if not self._stopping.is_set():
+                    self._tick.wait(max(0.0, wake - now))
+
+    def _ring_later(self, seconds: float) -> None:
+        """Have the watching thread ring the doorbell in ``seconds`` (unless it rings sooner)."""
+        at = time.monotonic() + max(seconds, 0.0)
+        with self._tick:
+            if self._ring_at is None or at < self._ring_at:
+                self._ring_at = at
+                self._tick.notify()
+
+    # -- the handler threads ---------------------------------------------------
+
+    def _handler_loop(self) -> None:
+        runner = BatchRunner(
+            self.session_factory,
+            self.bind,
+            self.handlers,
+            self.worker_id,
+            self.settings.batch,
+            self.times,
+            self.hooks,
+        )
+        loop = TaskLoop(self.source, runner, self.handlers)
+        stopping = self._stopping
+        backoff = [_FIRST_BACKOFF]  # after a batch found the database gone
+        while not stopping.is_set():
+            items = self._claim(loop)
+            if not items:
+                self.doorbell.wait()
+                continue
+            loop.run(
+                items,
+                on_outcomes=self._settle,
+                on_start=self._started,
+                should_stop=stopping.is_set,
+                on_stop=lambda rest: self._give_back(loop, rest),
+                on_lost=lambda lost: self._record_when_possible(runner, lost, backoff),
+            )
+
+    def _claim(self, loop: TaskLoop) -> list[Item]:
+        """This thread's next batch (empty: nothing due, or the claim failed)."""
+        settings = self.settings
+        with self._claim_lock:
+            if self._stopping.is_set():
+                return []
+            want = self._batch_wanted()
+            try:
+                if self._orphans_possible:
+                    self._release_orphans()
+                    self._orphans_possible = False
+                items, claimed = loop.claim(want)
+            except Exception as exc:
+                # The first retry is quick: after a restart or a killed
+                # connection the pool has already dropped its dead ones.
+                self._orphans_possible = True
+                self._claim_failures += 1
+                delay = min(0.05 * 2 ** (self._claim_failures - 1), settings.poll_interval, 5.0)
+                logger.warning("claim failed (%s); retrying in %.2fs", brief(exc), delay)
+                self._ring_later(delay)
+                return []
+            self._claim_failures = 0
+            if claimed.refused:
+                with self._lock:
+                    self.stats.refused += claimed.refused
+                    self.stats.failed += claimed.refused
+            if items:
+                with self._lock:
+                    for _, ctx in items:
+                        self._in_flight[ctx.task_id] = ctx
+            if len(items) + claimed.refused >= want:
+                self.doorbell.set()  # more may be due: another idle thread claims too
+            elif not items:
+                self._ring_later(self._until_next_due())
+            hint = self.source.wait_hint()
+            if hint is not None:  # a full rate window frees a start then
+                self._ring_later(hint)
+        return items
+
+    def _batch_wanted(self) -> int:
+        """How many tasks a thread claims: its share of the capacity, at most ``batch_size``.
+
+        The thread claims when it holds nothing (its batch is settled), and
+        runs what it claims itself: its share does not depend on what the
+        other threads hold.  With a full queue of quick tasks that is
+        ``batch_size``; with slow ones, one task.
+        """
+        usable = max(1, self.settings.concurrency - self.stats.stuck_slots)
+        share = math.ceil(self.capacity(usable) / usable)
+        return max(1, min(self.settings.batch.size, share))
 
     def _release_orphans(self) -> None:
         with self._lock:
             known = list(self._in_flight)
-        released = self._claimer.release_orphans(self.worker_id, known)
+        released = self.source.release_orphans(known)
         if released:
             logger.warning(
                 "gave back %d tasks claimed by a claim whose reply was lost: %s",
@@ -434,8 +555,7 @@ class Worker:
 
     def _until_next_due(self) -> float:
         try:
-            source = self._claimer if self._limited is None else self._limited
-            seconds = source.next_due(self._max_attempts, self.settings.queues)
+            seconds = self.source.next_due()
         except Exception as exc:
             logger.warning("could not read when the next delayed task is due (%s)", brief(exc))
             return self.settings.poll_interval
@@ -443,62 +563,6 @@ class Worker:
             return self.settings.poll_interval
         # A hair after the task's run_at, so the claim finds it due.
         return max(seconds, 0.0) + _DUE_MARGIN
-
-    def _handler_loop(self) -> None:
-        runner = BatchRunner(
-            self.session_factory,
-            self.bind,
-            self.handlers,
-            self.worker_id,
-            self.settings.batch,
-            self.times,
-            self.hooks,
-        )
-        concurrency = self.settings.concurrency
-        size = self.settings.batch.size
-        last = False
-        while not last:
-            item = self._work.get()
-            if item is None:
-                return
-            # Take a fair share of what is queued, so the other threads get some.
-            share = min(size, max(1, math.ceil(self._work.qsize() / concurrency)))
-            batch = [item]
-            while len(batch) < share:
-                try:
-                    more = self._work.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    last = True
-                    break
-                batch.append(more)
-            self._run_batch(runner, batch)
-
-    def _run_batch(self, runner: BatchRunner, batch: list[Item]) -> None:
-        rest = batch
-        delay = 0.05
-        while rest:
-            if self._stopping.is_set():
-                self._give_back(rest)
-                return
-            try:
-                outcomes, rest = runner.run_chunk(
-                    rest, on_start=self._started, should_stop=self._stopping.is_set
-                )
-            except BatchLostError as failed:
-                # The database failed under the batch (a restart, a killed
-                # connection): its transaction is gone.  Record that as soon
-                # as the database answers again, rather than leave the tasks
-                # to wait for their leases.
-                self._record_when_possible(runner, failed.started, failed.cause)
-                rest = failed.rest
-                if not failed.started:  # not even connected: don't spin
-                    self._stopping.wait(delay)
-                    delay = min(delay * 2, 1.0)
-                continue
-            delay = 0.05
-            self._settle(outcomes)
 
     def _started(self, ctx: AttemptContext) -> None:
         with self._lock:
@@ -512,24 +576,29 @@ class Worker:
                     self.stats.count(outcome)
                 self._in_flight.pop(ctx.task_id, None)
                 self._running.pop(ctx.task_id, None)
-        if self._limited is not None:  # a limited task's slot may be free
-            self._limited.finished(ctx.task_id for ctx, _ in outcomes)
-        self._wake.set()
 
-    def _give_back(self, items: list[Item]) -> None:
+    def _give_back(self, loop: TaskLoop, items: list[Item]) -> None:
         """Stopping: claimed tasks this thread did not start go back, attempt refunded."""
         try:
-            released = release_tasks(self.session_factory, [task for task, _ in items])
+            released = loop.give_back(items)
             logger.info("released %d claimed tasks that had not started", released)
         except Exception:
             logger.exception("could not release %d unstarted tasks", len(items))
         self._settle([(ctx, None) for _, ctx in items])
 
     def _record_when_possible(
-        self, runner: BatchRunner, started: list[AttemptContext], exc: Exception
+        self, runner: BatchRunner, lost: BatchLostError, backoff: list[float]
     ) -> None:
-        if not started:
+        # The database failed under the batch (a restart, a killed
+        # connection): its transaction is gone.  Record that as soon as the
+        # database answers again, rather than leave the tasks to wait for
+        # their leases.
+        started, exc = lost.started, lost.cause
+        if not started:  # not even connected: don't spin
+            self._stopping.wait(backoff[0])
+            backoff[0] = min(backoff[0] * 2, 1.0)
             return
+        backoff[0] = _FIRST_BACKOFF
         logger.warning(
             "database failed under %d running tasks (%s); recording it when it is back: %s",
             len(started),
@@ -560,27 +629,8 @@ class Worker:
         # 0. No more periodic slots from this worker.
         if self.periodic is not None:
             self.periodic.stop()
-        # 1. Claimed tasks no handler started: back to pending, attempt refunded.
-        unstarted: list[Task] = []
-        while True:
-            try:
-                item = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                unstarted.append(item[0])
-        if unstarted:
-            try:
-                released = release_tasks(self.session_factory, unstarted)
-                logger.info("released %d claimed tasks that had not started", released)
-            except Exception:
-                logger.exception("could not release %d unstarted tasks", len(unstarted))
-            with self._lock:
-                for task in unstarted:
-                    self._in_flight.pop(task.id, None)
-        # 2. Running handlers get the grace period.
-        for _ in self._threads:
-            self._work.put(None)
+        # 1. Each handler thread gives back the claimed tasks it did not
+        #    start (attempt refunded); running handlers get the grace period.
         # (Every thread stuck: none will finish, so none is waited for.)
         grace = 0.0 if self._stuck else self.settings.shutdown_grace
         deadline = time.monotonic() + grace
@@ -612,13 +662,8 @@ class Worker:
             with self.session_factory.begin() as session:
                 # A handler that wrote to its own task row holds its lock: don't wait for it.
                 session.execute(text("SET LOCAL lock_timeout = '2s'"))
-                session.execute(
-                    query("release_interrupted"),
-                    {
-                        "ids": [ctx.task_id for ctx in attempts],
-                        "attempts": [ctx.attempt for ctx in attempts],
-                        "worker": self.worker_id,
-                    },
+                settle.release_interrupted(
+                    session.connection(bind_arguments=TASK_BIND), attempts, self.worker_id
                 )
             with self._lock:
                 self.stats.interrupted += len(attempts)

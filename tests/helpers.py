@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +18,9 @@ from sqlalchemy import BigInteger, Engine, MetaData, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus, WorkerStats
+from sqla_pgotask.engine.claims import LimitedClaims, PlainClaims, SessionConnection
+from sqla_pgotask.engine.limit_plan import LimitPlan
+from sqla_pgotask.engine.rows import Claimed
 
 T = TypeVar("T")
 
@@ -160,3 +163,41 @@ def process_gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+# -- claims, as a runner takes them ------------------------------------------------
+
+
+def claim_tasks(
+    session_factory: sessionmaker[Session],
+    *,
+    worker_id: str,
+    kinds: Mapping[str, int],
+    queues: Sequence[str] | None = None,
+    limit: int,
+    lease_seconds: float = 60,
+) -> Claimed:
+    """Claim up to ``limit`` due tasks of ``kinds`` for ``worker_id`` (the plain claim)."""
+    source = PlainClaims(
+        SessionConnection(session_factory),
+        worker_id=worker_id,
+        kinds=kinds,
+        queues=queues,
+        lease_seconds=lease_seconds,
+    )
+    return source.claim(limit)
+
+
+def claim_within_limits(
+    session_factory: sessionmaker[Session],
+    plan: LimitPlan,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float = 60,
+) -> Claimed:
+    """Claim as ``run_until_idle()`` does under limits: limited tasks first, never waiting."""
+    source = LimitedClaims(
+        SessionConnection(session_factory), plan, worker_id=worker_id, lease_seconds=lease_seconds
+    )
+    return source.claim(limit)

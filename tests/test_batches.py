@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine, event, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus, _savepoints
-from sqla_pgotask._claim import claim_tasks
-from sqla_pgotask._execute import BatchRunner, new_context
+from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus
 from sqla_pgotask.context import Outcome
-from tests.helpers import Ledger, add_tasks, ledger_ids, running, wait_until
+from sqla_pgotask.engine import savepoints as _savepoints
+from sqla_pgotask.engine.run import BatchRunner, new_context
+from tests.helpers import Ledger, add_tasks, claim_tasks, ledger_ids, running, wait_until
 
 XID = text("SELECT CAST(pg_current_xact_id() AS text)")
 

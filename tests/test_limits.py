@@ -27,16 +27,13 @@ from sqla_pgotask import (
     Task,
     TaskStatus,
 )
-from sqla_pgotask import _claim as claim_module
-from sqla_pgotask._limits import (
-    claim_limited,
-    claim_tasks_within_limits,
-    plan_limits,
-)
+from sqla_pgotask.engine import rows as claim_module
+from sqla_pgotask.engine.claims import LimitedClaims, claim_limited
+from sqla_pgotask.engine.limit_plan import plan_limits
 from sqla_pgotask.limits import MAX_RATE_COUNT
 from sqla_pgotask.models import LimitState
 from tests.apps.limited_app import RunLog, create_run_log, make_scheduler
-from tests.helpers import wait_until
+from tests.helpers import claim_within_limits, wait_until
 from tests.processes import PROJECT_ROOT, WorkerProcess, pgotask_env, pgotask_worker
 
 LIMITED_APP = "tests.apps.limited_app:scheduler"
@@ -235,7 +232,7 @@ def _claim_in_threads(
         rng = random.Random(n)
         try:
             while time.monotonic() < stop_at:
-                tasks = claim_tasks_within_limits(
+                tasks = claim_within_limits(
                     session_factory, plan, worker_id=f"t{n}", limit=3, lease_seconds=30
                 )
                 with session_factory() as session:
@@ -325,7 +322,7 @@ def test_simultaneous_claims_take_turns(session_factory: sessionmaker[Session]) 
         try:
             for r in range(rounds):
                 barrier.wait(30)  # all claim at once
-                tasks = claim_tasks_within_limits(
+                tasks = claim_within_limits(
                     session_factory, plan, worker_id=f"t{n}", limit=2, lease_seconds=30
                 )
                 with lock:
@@ -385,9 +382,7 @@ def test_limited_claim_loads_tasks_like_the_orm(session_factory: sessionmaker[Se
     plan = plan_limits(scheduler.handlers, {}, None)
     assert plan is not None
     _enqueue(session_factory, "k", 1, payload={"x": [1, "two"]}, priority=3, dedup_key="d")
-    (task,) = claim_tasks_within_limits(
-        session_factory, plan, worker_id="w", limit=5, lease_seconds=30
-    )
+    (task,) = claim_within_limits(session_factory, plan, worker_id="w", limit=5, lease_seconds=30)
     with session_factory() as session:
         loaded = session.get_one(Task, task.id)
         for column in Task.__table__.columns:
@@ -436,7 +431,8 @@ import os
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 from sqla_pgotask import Scheduler
-from sqla_pgotask._limits import claim_tasks_within_limits, plan_limits
+from sqla_pgotask.engine.claims import LimitedClaims, SessionConnection
+from sqla_pgotask.engine.limit_plan import plan_limits
 
 engine = create_engine(os.environ["PGOTASK_DATABASE_URL"])
 with engine.begin() as conn:  # no ORM use before the claim
@@ -444,9 +440,9 @@ with engine.begin() as conn:  # no ORM use before the claim
 scheduler = Scheduler(sessionmaker(engine))
 scheduler.handler("k", max_running=1)(lambda session, task: None)
 plan = plan_limits(scheduler.handlers, {}, None)
-tasks = claim_tasks_within_limits(
-    sessionmaker(engine), plan, worker_id="w", limit=5, lease_seconds=30
-)
+conns = SessionConnection(sessionmaker(engine))
+source = LimitedClaims(conns, plan, worker_id="w", lease_seconds=30)
+tasks = source.claim(5)
 print([(task.kind, task.status.value, task.attempts) for task in tasks])
 """
 
@@ -480,7 +476,7 @@ def test_claimed_tasks_go_back_if_they_cannot_be_loaded(
 
     monkeypatch.setattr(claim_module, "_tasks", broken)
     with pytest.raises(RuntimeError, match="cannot load"):
-        claim_tasks_within_limits(session_factory, plan, worker_id="w", limit=5, lease_seconds=30)
+        claim_within_limits(session_factory, plan, worker_id="w", limit=5, lease_seconds=30)
     with session_factory() as session:
         rows = session.execute(select(Task.status, Task.attempts, Task.locked_by)).all()
     assert rows == [(TaskStatus.PENDING, 0, None)] * 3
@@ -604,8 +600,8 @@ def test_worker_waits_for_the_rate_window_without_spinning(
             message="4 tasks run",
         )
         worker = scheduler.running_worker
-        assert worker is not None and worker._limited is not None
-        claims = worker._limited.limited_claims
+        assert worker is not None and isinstance(worker.source, LimitedClaims)
+        claims = worker.source.limited_claims
     finally:
         scheduler.stop()
         thread.join(30)
@@ -657,8 +653,8 @@ def test_worker_at_its_limit_does_not_spin(
     try:
         time.sleep(1.5)
         worker = scheduler.running_worker
-        assert worker is not None and worker._limited is not None
-        claims = worker._limited.limited_claims
+        assert worker is not None and isinstance(worker.source, LimitedClaims)
+        claims = worker.source.limited_claims
         assert _counts(session_factory)[("k", "pending")] == 2
         # The slot frees: the next poll takes the next task.
         with session_factory.begin() as session:

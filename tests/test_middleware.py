@@ -17,9 +17,9 @@ from sqla_pgotask import (
     Task,
     TaskCancelledError,
     TaskStatus,
-    _execute,
     current_attempt,
 )
+from sqla_pgotask.engine import run as _execute
 from sqla_pgotask.middleware import CallNext
 from sqla_pgotask.testing import drain
 from tests.helpers import Ledger, add_tasks, get_task, ledger_ids, running, wait_until

@@ -322,6 +322,47 @@ def test_real_claim_statements_walk_the_claim_index(
         assert "Sort" not in plan, f"{name}:\n{plan}"
 
 
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+def test_fenced_statements_look_their_rows_up_by_primary_key(
+    session: Session, plan_mode: str
+) -> None:
+    # Statistics taken before a drain count no running task; then 900 are
+    # running.  The fence must not make the planner hash every running task
+    # (ix_pgotask_task_lease) to settle 100 of them.
+    session.execute(
+        text("INSERT INTO pgotask_task (kind) SELECT 'k' FROM generate_series(1, 20000)")
+    )
+    session.execute(text("ANALYZE pgotask_task"))
+    session.execute(
+        text(
+            "UPDATE pgotask_task SET status = 'running', attempts = 1, locked_by = 'w', "
+            "lease_expires_at = now() + interval '1 minute' WHERE id <= 900"
+        )
+    )
+    session.execute(text(f"SET LOCAL plan_cache_mode = {plan_mode}"))
+    ids = "{" + ",".join(str(i) for i in range(1, 101)) + "}"
+    attempts = "{" + ",".join("1" for _ in range(100)) + "}"
+    params = {
+        "ids": ids,
+        "attempts": attempts,
+        "results": None,
+        "delays": "{" + ",".join("0" for _ in range(100)) + "}",
+        "statuses": "{" + ",".join("pending" for _ in range(100)) + "}",
+        "exception_types": None,
+        "messages": None,
+        "tracebacks": None,
+        "worker": "w",
+    }
+    driver = session.connection().connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    for name in ("complete", "finish_cancelled", "snooze", "fail", "release_interrupted"):
+        statement = str(query(name).compile(dialect=_DIALECT))
+        rows = driver.execute("EXPLAIN " + statement, params, prepare=True).fetchall()
+        plan = "\n".join(str(row[0]) for row in rows)
+        assert "pk_pgotask_task" in plan, f"{name}:\n{plan}"
+        assert "ix_pgotask_task_lease" not in plan, f"{name}:\n{plan}"
+
+
 def test_committed_tasks_wake_workers_once_per_queue(
     database_url: str, session_factory: sessionmaker[Session]
 ) -> None:

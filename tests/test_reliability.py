@@ -23,16 +23,17 @@ from sqla_pgotask import (
     TaskStatus,
     current_attempt,
 )
-from sqla_pgotask import _claim as claim_module
 from sqla_pgotask import worker as worker_module
-from sqla_pgotask._claim import claim_tasks
 from sqla_pgotask._maintenance import node_id
+from sqla_pgotask.engine.claims import PlainClaims
+from sqla_pgotask.engine.rows import driver_connection
 from sqla_pgotask.errors import WorkerStuckError
 from sqla_pgotask.worker import WorkerStats
 from tests.helpers import (
     AppBase,
     Ledger,
     add_tasks,
+    claim_tasks,
     errors_of,
     get_task,
     ledger_ids,
@@ -536,18 +537,18 @@ def test_a_claim_whose_reply_was_lost_gives_its_tasks_back_at_once(
     # The claim commits, then the connection dies before its reply is read
     # (as in an immediate restart): the rows are 'running' under this
     # worker's id.  They must run within moments, not after the 60 s lease.
-    real = claim_module._run_claim
+    real = PlainClaims.claim_on
     lost: list[int] = []
 
-    def reply_lost(connection: Any, worker_id: str, named: Any) -> Any:
-        claimed = real(connection, worker_id, named)
+    def reply_lost(self: PlainClaims, connection: Any, limit: int) -> Any:
+        claimed = real(self, connection, limit)
         if not lost and claimed:
             lost.extend(task.id for task in claimed)
-            claim_module.driver_connection(connection).close()
+            driver_connection(connection).close()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return claimed
 
-    monkeypatch.setattr(claim_module, "_run_claim", reply_lost)
+    monkeypatch.setattr(PlainClaims, "claim_on", reply_lost)
     scheduler = ledger_scheduler(app, lease_seconds=60, maintenance_interval=60)
     ids = add_tasks(app, *(Task(kind="ledger") for _ in range(5)))
     started = time.monotonic()

@@ -241,6 +241,40 @@ def test_filters_by_kind_and_queue_and_skips_paused_queues(
         drain(scheduler, db, kinds=["nope"])
 
 
+def test_fleet_wide_limits_hold_in_a_drain_and_are_never_waited_for(
+    scheduler: Scheduler, db: Session
+) -> None:
+    @scheduler.handler("one_at_a_time", max_running=1)
+    def one_at_a_time(session: Session, task: Task) -> None:
+        pass
+
+    @scheduler.handler("free")
+    def free(session: Session, task: Task) -> None:
+        pass
+
+    elsewhere = Task(
+        kind="one_at_a_time",
+        status=TaskStatus.RUNNING,
+        attempts=1,
+        locked_by="another-worker",
+        lease_expires_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5),
+    )
+    held, other = Task(kind="one_at_a_time"), Task(kind="free")
+    db.add_all([elsewhere, held, other])
+    db.flush()
+    result = drain(scheduler, db)
+    assert [a.task_id for a in result.attempts] == [other.id]  # the limit is full
+    assert held.status is TaskStatus.PENDING
+    db.execute(
+        text(
+            "UPDATE pgotask_task SET status = 'succeeded', locked_by = NULL, "
+            "lease_expires_at = NULL WHERE id = :id"
+        ),
+        {"id": elsewhere.id},
+    )
+    assert [a.task_id for a in drain(scheduler, db).attempts] == [held.id]  # room again
+
+
 def test_a_task_without_a_handler_is_a_clear_error(scheduler: Scheduler, db: Session) -> None:
     _receipts(scheduler)
     db.add(Task(kind="sned_receipt"))

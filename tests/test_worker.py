@@ -19,10 +19,19 @@ from sqla_pgotask import (
     TaskError,
     TaskStatus,
 )
-from sqla_pgotask._claim import claim_tasks, release_tasks
-from sqla_pgotask._execute import BatchRunner, new_context
 from sqla_pgotask.context import Outcome
-from tests.helpers import Ledger, add_tasks, errors_of, get_task, ledger_ids, running, wait_until
+from sqla_pgotask.engine.claims import release_claimed
+from sqla_pgotask.engine.run import BatchRunner, new_context
+from tests.helpers import (
+    Ledger,
+    add_tasks,
+    claim_tasks,
+    errors_of,
+    get_task,
+    ledger_ids,
+    running,
+    wait_until,
+)
 
 # -- enqueue and wake-up ----------------------------------------------------------
 
@@ -294,6 +303,28 @@ def test_handler_may_use_savepoints(app: sessionmaker[Session]) -> None:
     assert ledger_ids(app) == [task_id]
 
 
+def test_the_task_is_in_the_handlers_session_with_its_errors(
+    app: sessionmaker[Session],
+) -> None:
+    """Claimed rows skip the ORM's loading, yet the task is a persistent object of the Session."""
+    scheduler = Scheduler(app)
+    seen: list[tuple[bool, list[str], int]] = []
+
+    @scheduler.handler("twice", max_attempts=2, retry=0)
+    def twice(session: Session, task: Task) -> None:
+        same = session.get(Task, task.id) is task  # no second copy of the row
+        seen.append((same and task in session, [e.message for e in task.errors], task.attempts))
+        if task.attempts == 1:
+            raise ValueError("first attempt")
+        task.result = None  # a change to the task itself is flushed with the rest
+        session.refresh(task)
+
+    (task_id,) = add_tasks(app, Task(kind="twice", payload={"n": 1}))
+    assert scheduler.run_until_idle() == 2
+    assert seen == [(True, [], 1), (True, ["first attempt"], 2)]
+    assert get_task(app, task_id).status is TaskStatus.SUCCEEDED
+
+
 def test_handler_that_rolls_back_fails_the_task(app: sessionmaker[Session]) -> None:
     scheduler = Scheduler(app)
 
@@ -455,7 +486,7 @@ def test_release_gives_back_unstarted_tasks_without_using_an_attempt(
     claimed = claim_tasks(
         app, worker_id="w", kinds={"k": 5}, queues=None, limit=3, lease_seconds=60
     )
-    assert release_tasks(app, claimed) == 3
+    assert release_claimed(app, claimed) == 3
     with app() as session:
         rows = session.execute(
             select(Task.status, Task.attempts, Task.locked_by, Task.started_at)

@@ -80,13 +80,9 @@ picks AS (
     CROSS JOIN LATERAL (
         SELECT t.id
         FROM pgotask_task AS t
-        WHERE t.status = 'pending'
+        WHERE {{claimable}}
           AND t.run_at <= statement_timestamp()
-          AND t.kind = ANY(CAST(:kinds AS text[]))
           AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])))
-          AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
-               OR t.queue <> ALL (ARRAY(SELECT name FROM pgotask_queue
-                                        WHERE paused_at IS NOT NULL)))
           AND (t.kind = a.kind OR t.queue = a.queue)
           AND NOT EXISTS (
               SELECT 1 FROM allow AS x
@@ -130,12 +126,7 @@ chosen AS (
 ),
 claimed AS (
     UPDATE pgotask_task AS t
-    SET status = 'running',
-        attempts = t.attempts + 1,
-        max_attempts = COALESCE(t.max_attempts, h.max_attempts),
-        started_at = statement_timestamp(),
-        locked_by = :worker,
-        lease_expires_at = statement_timestamp() + make_interval(secs => :lease_seconds)
+    SET {{claim_writes}}
     FROM chosen
     JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
         ON h.kind = chosen.kind

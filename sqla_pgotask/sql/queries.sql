@@ -6,43 +6,61 @@
 -- whose claim was taken over changes nothing: its statement matches no row and
 -- it rolls its transaction back.
 
+-- fragment: claimable
+-- What makes a task claimable, for every claim of every runner and for
+-- next_due (each adds its own run_at and queue conditions): pending, of a
+-- kind the claimer handles (:kinds), and not in a paused queue.  The
+-- table's alias is t.
+--
+-- The paused-queue filter is guarded ("no queue is paused OR ..."): on its
+-- own, `queue <> ALL (<an array unknown at planning>)` is estimated to keep
+-- almost no row when most tasks share one queue, and the planner then reads
+-- every pending task and sorts them (7x slower at 40,000 pending) instead
+-- of walking ix_pgotask_task_claim.  The guard keeps the estimate at half
+-- the rows, and costs one lookup in the small pgotask_queue table
+-- (tests/test_models.py checks the plans).
+t.status = 'pending'
+AND t.kind = ANY(CAST(:kinds AS text[]))
+AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
+     OR t.queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)))
+
+-- fragment: claim_writes
+-- What a claim writes to each task it takes (every claim: the plain ones
+-- below and the limited one of limits.sql), the task's handler settings
+-- joined as h: running for :worker, one more attempt, a lease of
+-- :lease_seconds.  A task without max_attempts takes its handler's here, so
+-- any worker can later tell whether a lost attempt was its last.
+-- statement_timestamp(): the limited claim's transaction may have waited
+-- for its locks; in a statement of its own it is now().
+status = 'running',
+attempts = t.attempts + 1,
+max_attempts = COALESCE(t.max_attempts, h.max_attempts),
+started_at = statement_timestamp(),
+locked_by = :worker,
+lease_expires_at = statement_timestamp() + make_interval(secs => :lease_seconds)
+
 -- name: claim
 -- Claim up to :limit due tasks of the kinds this worker handles, in priority
 -- order, from queues that are not paused (nor in :excluded_queues, the
 -- queues with a fleet-wide limit, which only the limited claim of
 -- sql/limits.sql takes; usually empty).
 --
--- Each queue filter is guarded ("no queue is paused OR ..."): on its own,
--- `queue <> ALL (<an array unknown at planning>)` is estimated to keep almost
--- no row when most tasks share one queue, and the planner then reads every
--- pending task and sorts them (7x slower at 40,000 pending) instead of
--- walking ix_pgotask_task_claim.  The guard keeps the estimate at half the
--- rows, and costs one lookup in the small pgotask_queue table.  SKIP LOCKED lets concurrent workers (and application inserts) pass
+-- SKIP LOCKED lets concurrent workers (and application inserts) pass
 -- each other without waiting; the transaction is committed at once, so the
--- row locks last for this statement only.  A task without max_attempts takes
--- its handler's setting here, so any worker can later tell whether a lost
--- attempt was its last.
+-- row locks last for this statement only.
 WITH due AS (
-    SELECT id, kind
-    FROM pgotask_task
-    WHERE status = 'pending'
-      AND run_at <= now()
-      AND kind = ANY(CAST(:kinds AS text[]))
+    SELECT t.id, t.kind
+    FROM pgotask_task AS t
+    WHERE {{claimable}}
+      AND t.run_at <= now()
       AND (cardinality(CAST(:excluded_queues AS text[])) = 0
-           OR queue <> ALL (CAST(:excluded_queues AS text[])))
-      AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
-           OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)))
-    ORDER BY priority DESC, run_at, id
+           OR t.queue <> ALL (CAST(:excluded_queues AS text[])))
+    ORDER BY t.priority DESC, t.run_at, t.id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pgotask_task AS t
-SET status = 'running',
-    attempts = t.attempts + 1,
-    max_attempts = COALESCE(t.max_attempts, h.max_attempts),
-    started_at = now(),
-    locked_by = :worker,
-    lease_expires_at = now() + make_interval(secs => :lease_seconds)
+SET {{claim_writes}}
 FROM due
 JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
     ON h.kind = due.kind
@@ -52,25 +70,17 @@ RETURNING t.*;
 -- name: claim_in_queues
 -- The same claim, restricted to the queues this worker serves.
 WITH due AS (
-    SELECT id, kind
-    FROM pgotask_task
-    WHERE status = 'pending'
-      AND run_at <= now()
-      AND kind = ANY(CAST(:kinds AS text[]))
-      AND queue = ANY(CAST(:queues AS text[]))
-      AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
-           OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)))
-    ORDER BY priority DESC, run_at, id
+    SELECT t.id, t.kind
+    FROM pgotask_task AS t
+    WHERE {{claimable}}
+      AND t.run_at <= now()
+      AND t.queue = ANY(CAST(:queues AS text[]))
+    ORDER BY t.priority DESC, t.run_at, t.id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pgotask_task AS t
-SET status = 'running',
-    attempts = t.attempts + 1,
-    max_attempts = COALESCE(t.max_attempts, h.max_attempts),
-    started_at = now(),
-    locked_by = :worker,
-    lease_expires_at = now() + make_interval(secs => :lease_seconds)
+SET {{claim_writes}}
 FROM due
 JOIN unnest(CAST(:kinds AS text[]), CAST(:max_attempts AS integer[])) AS h (kind, max_attempts)
     ON h.kind = due.kind
@@ -82,14 +92,52 @@ RETURNING t.*;
 -- due, or NULL: an idle claim loop sleeps until then instead of polling.
 -- Only tasks in the future count, so a due task another worker holds never
 -- makes it spin.
-SELECT EXTRACT(EPOCH FROM min(run_at) - now())
-FROM pgotask_task
-WHERE status = 'pending'
-  AND run_at > now()
-  AND kind = ANY(CAST(:kinds AS text[]))
-  AND (CAST(:queues AS text[]) IS NULL OR queue = ANY(CAST(:queues AS text[])))
-  AND (NOT EXISTS (SELECT FROM pgotask_queue WHERE paused_at IS NOT NULL)
-       OR queue <> ALL (ARRAY(SELECT name FROM pgotask_queue WHERE paused_at IS NOT NULL)));
+SELECT EXTRACT(EPOCH FROM min(t.run_at) - now())
+FROM pgotask_task AS t
+WHERE {{claimable}}
+  AND t.run_at > now()
+  AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])));
+
+-- name: claimable_by_kind
+-- Claimable tasks left, by kind: those due, or also those scheduled later
+-- (:include_future).  testing.drain() checks with it what it left behind.
+SELECT t.kind, count(*)
+FROM pgotask_task AS t
+WHERE {{claimable}}
+  AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])))
+  AND (CAST(:include_future AS boolean) OR t.run_at <= now())
+GROUP BY t.kind
+ORDER BY t.kind;
+
+-- name: advance_earliest
+-- Make the earliest claimable tasks scheduled later due now; returns how
+-- many (testing.drain(include_future=True), when nothing else is due).
+WITH earliest AS (
+    SELECT min(t.run_at) AS run_at
+    FROM pgotask_task AS t
+    WHERE {{claimable}}
+      AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])))
+      AND t.run_at > now()
+)
+UPDATE pgotask_task AS t
+SET run_at = now()
+FROM earliest
+WHERE {{claimable}}
+  AND (CAST(:queues AS text[]) IS NULL OR t.queue = ANY(CAST(:queues AS text[])))
+  AND t.run_at = earliest.run_at;
+
+-- fragment: fence
+-- The fence of every state change after a claim: the row t is still
+-- running in the attempt d.attempt that this worker claimed (d: the
+-- statement's unnest of ids and attempts).
+--
+-- Written so that the planner looks each row up by its primary key: with
+-- plain `t.status = 'running'` it may instead read every running task
+-- through ix_pgotask_task_lease into a hash (when its statistics count few
+-- running tasks, as after a drain began), which costs twice the time with
+-- 900 tasks running (benchmarks in docs/performance.md; tests/test_models.py
+-- checks the plans).
+t.id = d.id AND (t.status = 'running') IS TRUE AND t.attempts = d.attempt
 
 -- name: complete
 -- A batch's completion, in the batch's own transaction after its handlers
@@ -105,7 +153,7 @@ SET status = 'succeeded',
     lease_expires_at = NULL
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
             CAST(:results AS jsonb[])) AS d (id, attempt, result)
-WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+WHERE {{fence}}
   AND t.cancel_requested_at IS NULL
 RETURNING t.id;
 
@@ -119,7 +167,7 @@ SET status = 'cancelled',
     locked_by = NULL,
     lease_expires_at = NULL
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, attempt)
-WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+WHERE {{fence}}
 RETURNING t.id;
 
 -- name: snooze
@@ -136,7 +184,7 @@ SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE '
     lease_expires_at = NULL
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
             CAST(:delays AS float8[])) AS d (id, attempt, delay)
-WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+WHERE {{fence}}
 RETURNING t.id;
 
 -- name: fail
@@ -164,7 +212,7 @@ failed AS (
         locked_by = NULL,
         lease_expires_at = NULL
     FROM d
-    WHERE t.id = d.id AND t.status = 'running' AND t.attempts = d.attempt
+    WHERE {{fence}}
     RETURNING t.id
 )
 INSERT INTO pgotask_task_error (task_id, attempt, exception_type, message, traceback, worker)
@@ -216,8 +264,8 @@ WITH released AS (
                            THEN clock_timestamp() END,
         locked_by = NULL,
         lease_expires_at = NULL
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
-    WHERE t.id = a.id AND t.status = 'running' AND t.attempts = a.attempt
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, attempt)
+    WHERE {{fence}}
     RETURNING t.id, t.attempts
 )
 INSERT INTO pgotask_task_error (task_id, attempt, exception_type, message, worker)

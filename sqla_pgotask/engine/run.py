@@ -1,10 +1,11 @@
-"""Running claimed tasks: their handlers and their fenced completion, in batches.
+"""Running claimed tasks: their handlers, then their settlement, in batches.
 
 A batch is one transaction on one connection.  Each task's handler gets a
 Session from the application's ``sessionmaker`` joined to that connection;
 after the last handler, one statement completes every task that succeeded
-(fenced by status and attempt), one records the failures, and the batch
-commits: the handlers' writes and the tasks' completions are one commit.
+(fenced by status and attempt), one records the failures (the functions of
+:mod:`.settle`), and the batch commits: the handlers' writes and the
+tasks' completions are one commit.
 
 Guarantee 2 holds per task: the first task of a transaction needs no
 savepoint (if it fails the transaction is rolled back and begun again); each
@@ -23,7 +24,6 @@ import json
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +31,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask import _savepoints
-from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, Outcome, reset_current, set_current
+from sqla_pgotask.engine import savepoints as _savepoints
+from sqla_pgotask.engine import settle
 from sqla_pgotask.errors import (
     HandlerTransactionError,
     Snooze,
@@ -43,13 +43,11 @@ from sqla_pgotask.errors import (
 )
 from sqla_pgotask.handlers import Handler
 from sqla_pgotask.middleware import NO_HOOKS, CallNext, Hooks, compose, log_fields, notify
-from sqla_pgotask.models import Task, TaskStatus
+from sqla_pgotask.models import Task
 
 logger = logging.getLogger("sqla_pgotask.worker")
 
 _IN_HANDLER = "sqla_pgotask.in_handler"
-_MAX_MESSAGE = 10_000
-_MAX_TRACEBACK = 100_000
 # Bounds the handler's SQL on the server: each statement, and time spent idle
 # inside the transaction (a handler stuck in Python holding locks).
 _SET_TIMEOUTS = text(
@@ -295,7 +293,7 @@ class BatchRunner:
                     },
                 )
             try:
-                result = self._call(session, self._calls[task.kind], task, ctx)
+                result = self._call(session, self._calls[task.kind], task, ctx, lazy)
             except Exception as exc:
                 _rollback(session)
                 if conn.invalidated:  # the connection died: the batch is gone
@@ -310,9 +308,18 @@ class BatchRunner:
             session.close()
             self.times.observe(ctx.kind, ctx.duration or 0.0)
 
-    def _call(self, session: Session, handler: CallNext, task: Task, ctx: AttemptContext) -> object:
-        root = session.begin()
-        session.add(task)
+    def _call(
+        self,
+        session: Session,
+        handler: CallNext,
+        task: Task,
+        ctx: AttemptContext,
+        lazy: _savepoints.LazySavepoints,
+    ) -> object:
+        statements = lazy.statements
+        session.add(task)  # begins the Session's transaction
+        root = session.get_transaction()
+        assert root is not None
         session.info[_IN_HANDLER] = True
         try:
             result = handler(session, task)
@@ -325,7 +332,11 @@ class BatchRunner:
                 "session.close()); raise an exception to fail the task instead"
             )
         ctx.check()  # cancelled, timed out or lost while the handler ran: do not commit
-        root.commit()
+        if lazy.statements != statements or _observes_commits(session):
+            root.commit()
+        # Else the handler sent no SQL (nor did its flush), and nothing
+        # listens for the commit: there is nothing to commit, and closing
+        # the Session ends its transaction.
         return result
 
     def _after_exception(
@@ -351,16 +362,7 @@ class BatchRunner:
         outcomes: list[tuple[AttemptContext, Outcome]] = [(c, Outcome.LOST) for c in chunk.lost]
         if chunk.done:
             done = chunk.done
-            completed = set(
-                conn.execute(
-                    query("complete"),
-                    {
-                        "ids": [c.task_id for c, _ in done],
-                        "attempts": [c.attempt for c, _ in done],
-                        "results": [r for _, r in done],
-                    },
-                ).scalars()
-            )
+            completed = settle.complete(conn, done)
             if len(completed) == len(done):
                 outcomes += [(c, Outcome.SUCCEEDED) for c, _ in done]
             else:
@@ -373,10 +375,7 @@ class BatchRunner:
                 ours = [c for c, _ in done if c.task_id in completed]
                 chunk.cancelled += [c for c, _ in done if c.task_id not in completed]
                 if ours:
-                    conn.execute(
-                        query("release"),
-                        {"ids": [c.task_id for c in ours], "attempts": [c.attempt for c in ours]},
-                    )
+                    settle.release(conn, [(c.task_id, c.attempt) for c in ours])
                     outcomes += [(c, Outcome.RELEASED) for c in ours]
                     logger.warning(
                         "batch rolled back (a claim changed before commit); "
@@ -387,11 +386,11 @@ class BatchRunner:
         if chunk.failed:
             outcomes += self._record_failures(conn, chunk.failed)
         if chunk.snoozed:
-            snoozed = [c for c, _ in chunk.snoozed]
-            delays = [delay for _, delay in chunk.snoozed]
-            outcomes += _fenced(conn, "snooze", snoozed, Outcome.SNOOZED, delays=delays)
+            held = settle.snooze(conn, chunk.snoozed)
+            outcomes += _held(held, [c for c, _ in chunk.snoozed], Outcome.SNOOZED)
         if chunk.cancelled:
-            outcomes += _fenced(conn, "finish_cancelled", chunk.cancelled, Outcome.CANCELLED)
+            held = settle.finish_cancelled(conn, chunk.cancelled)
+            outcomes += _held(held, chunk.cancelled, Outcome.CANCELLED)
         txn.commit()
         for ctx, outcome in outcomes:
             _log_outcome(ctx, outcome)
@@ -407,26 +406,10 @@ class BatchRunner:
             final = ctx.attempt >= ctx.max_attempts or not handler.retryable(exc)
             delay = 0.0 if final else float(handler.retry.delay(ctx.attempt))
             rows.append((ctx, exc, final, delay))
-        recorded = set(
-            conn.execute(
-                query("fail"),
-                {
-                    "ids": [ctx.task_id for ctx, *_ in rows],
-                    "attempts": [ctx.attempt for ctx, *_ in rows],
-                    "statuses": [
-                        (TaskStatus.FAILED if final else TaskStatus.PENDING).value
-                        for _, _, final, _ in rows
-                    ],
-                    "delays": [delay for *_, delay in rows],
-                    "exception_types": [qualified_name(type(exc)) for _, exc, _, _ in rows],
-                    "messages": [str(exc)[:_MAX_MESSAGE] for _, exc, _, _ in rows],
-                    "tracebacks": [
-                        "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK:]
-                        for _, exc, _, _ in rows
-                    ],
-                    "worker": self.worker_id,
-                },
-            ).scalars()
+        recorded = settle.record_failures(
+            conn,
+            [settle.Failure(ctx, exc, final, delay) for ctx, exc, final, delay in rows],
+            self.worker_id,
         )
         outcomes = []
         for ctx, exc, final, delay in rows:
@@ -452,6 +435,16 @@ class BatchRunner:
             )
         return outcomes
 
+    def release(self, claimed: Sequence[tuple[int, int]]) -> int:
+        """Give claimed ``(id, attempt)`` pairs that never started back, in a transaction."""
+        if not claimed:
+            return 0
+        with self._connection() as conn:
+            txn = _begin(conn)
+            released = settle.release(conn, claimed)
+            txn.commit()
+        return released
+
     def record_failures(
         self, contexts: Sequence[AttemptContext], exc: Exception
     ) -> list[tuple[AttemptContext, Outcome]]:
@@ -470,24 +463,10 @@ class BatchRunner:
         return outcomes
 
 
-def _fenced(
-    conn: Connection,
-    name: str,
-    contexts: list[AttemptContext],
-    outcome: Outcome,
-    **arrays: list[Any],
+def _held(
+    held: set[int], contexts: list[AttemptContext], outcome: Outcome
 ) -> list[tuple[AttemptContext, Outcome]]:
-    """Run the fenced statement ``name`` over ``contexts``; ``outcome`` where it held, else LOST.
-
-    The statement takes ``:ids`` and ``:attempts`` (plus ``arrays``, one
-    element per context) and returns the ids whose fence held.
-    """
-    params: dict[str, Any] = {
-        "ids": [c.task_id for c in contexts],
-        "attempts": [c.attempt for c in contexts],
-        **arrays,
-    }
-    held = set(conn.execute(query(name), params).scalars())
+    """``outcome`` for the attempts whose fence held, LOST for the others."""
     return [(c, outcome if c.task_id in held else Outcome.LOST) for c in contexts]
 
 
@@ -557,6 +536,12 @@ _OUTCOME_WORDS = {
     Outcome.RELEASED: "given back to run again",
     Outcome.SNOOZED: "snoozed",
 }
+
+
+def _observes_commits(session: Session) -> bool:
+    """Whether listeners wait for the Session's commit (besides the library's own guard)."""
+    dispatch = session.dispatch
+    return bool(dispatch.after_commit) or len(dispatch.before_commit) > 1
 
 
 def _rollback(session: Session) -> None:
