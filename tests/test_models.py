@@ -355,7 +355,8 @@ def test_fenced_statements_look_their_rows_up_by_primary_key(
     }
     driver = session.connection().connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
-    for name in ("complete", "finish_cancelled", "snooze", "fail", "release_interrupted"):
+    fenced = ("complete", "finish_cancelled", "snooze", "fail", "release_interrupted", "release")
+    for name in fenced:
         statement = str(query(name).compile(dialect=_DIALECT))
         rows = driver.execute("EXPLAIN " + statement, params, prepare=True).fetchall()
         plan = "\n".join(str(row[0]) for row in rows)

@@ -127,9 +127,10 @@ WHERE {{claimable}}
   AND t.run_at = earliest.run_at;
 
 -- fragment: fence
--- The fence of every state change after a claim: the row t is still
--- running in the attempt d.attempt that this worker claimed (d: the
--- statement's unnest of ids and attempts).
+-- The fence of every state change after a claim (and of the heartbeat's
+-- check of what is still its own): the row t is still running in the
+-- attempt d.attempt that this worker claimed (d: the statement's unnest of
+-- ids and attempts).
 --
 -- Written so that the planner looks each row up by its primary key: with
 -- plain `t.status = 'running'` it may instead read every running task
@@ -222,15 +223,14 @@ RETURNING task_id;
 
 -- name: release
 -- Give back a claimed task that never started: no attempt is consumed.
-UPDATE pgotask_task
+UPDATE pgotask_task AS t
 SET status = 'pending',
-    attempts = attempts - 1,
+    attempts = t.attempts - 1,
     started_at = NULL,
     locked_by = NULL,
     lease_expires_at = NULL
-WHERE status = 'running'
-  AND (id, attempts) IN (
-      SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])));
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, attempt)
+WHERE {{fence}};
 
 -- name: release_orphans
 -- After a claim statement failed in flight: the claim may have committed
@@ -314,10 +314,9 @@ WITH me AS (
 ),
 mine AS (
     SELECT t.id, t.cancel_requested_at
-    FROM pgotask_task AS t
-    JOIN unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS a (id, attempt)
-        ON t.id = a.id
-    WHERE t.status = 'running' AND t.attempts = a.attempt
+    FROM pgotask_task AS t,
+         unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS d (id, attempt)
+    WHERE {{fence}}
 ),
 extended AS (
     UPDATE pgotask_task AS t
