@@ -3,7 +3,7 @@
 Anyone who can connect to the database can ``NOTIFY`` any channel: no
 privilege guards it.  So a notification is a hint, never an order:
 
-* ``pgotask`` (a task arrived in a queue) only wakes the claim loop early; a
+* ``pgotask`` (a task arrived in a queue) only wakes an idle handler thread early; a
   spoofed one costs one claim that finds nothing;
 * ``pgotask_cancel`` (cancellation of a running task was requested) is
   checked against the task's row: the listener cancels an attempt only if
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection
+from typing import Protocol
 
 from sqlalchemy import Engine
 
@@ -27,6 +28,14 @@ from sqla_pgotask._connections import (
 )
 
 logger = logging.getLogger("sqla_pgotask.worker")
+
+
+class Wake(Protocol):
+    """What the listener sets when a task arrives (an Event, or the worker's doorbell)."""
+
+    def set(self) -> None:
+        """Something may be due now."""
+
 
 #: Notified by the insert trigger, with the new task's queue as payload.
 CHANNEL = "pgotask"
@@ -59,7 +68,7 @@ class Listener:
     def __init__(
         self,
         engine: Engine,
-        wake: threading.Event,
+        wake: Wake,
         queues: Collection[str] | None,
         on_cancel: Callable[[int, int], None] | None = None,
         *,

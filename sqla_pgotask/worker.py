@@ -278,7 +278,7 @@ class Worker:
         # Started only if settings.listen; on listen_engine, if given.
         self.listener = Listener(
             listen_engine or engine,
-            notice,  # type: ignore[arg-type]
+            notice,
             settings.queues,
             self._cancel_requested,
         )

@@ -20,7 +20,8 @@ from sqla_pgotask import (
     TaskStatus,
 )
 from sqla_pgotask.context import Outcome
-from sqla_pgotask.engine.claims import release_claimed
+from sqla_pgotask.engine import settle
+from sqla_pgotask.engine.claims import SessionConnection
 from sqla_pgotask.engine.run import BatchRunner, new_context
 from tests.helpers import (
     Ledger,
@@ -486,7 +487,8 @@ def test_release_gives_back_unstarted_tasks_without_using_an_attempt(
     claimed = claim_tasks(
         app, worker_id="w", kinds={"k": 5}, queues=None, limit=3, lease_seconds=60
     )
-    assert release_claimed(app, claimed) == 3
+    with SessionConnection(app).connection() as (conn, _):
+        assert settle.release(conn, [(t.id, t.attempts) for t in claimed]) == 3
     with app() as session:
         rows = session.execute(
             select(Task.status, Task.attempts, Task.locked_by, Task.started_at)

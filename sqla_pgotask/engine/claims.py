@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
@@ -455,17 +455,3 @@ def _release_orphans(conns: ClaimConnection, worker_id: str, known: Sequence[int
     with conns.connection() as (conn, _):
         ids = conn.execute(query("release_orphans"), {"worker": worker_id, "known": list(known)})
         return sorted(ids.scalars())
-
-
-def release_claimed(session_factory: sessionmaker[Session], tasks: Sequence[Task]) -> int:
-    """Give claimed tasks that never started back (pending, attempt refunded), in autocommit."""
-    if not tasks:
-        return 0
-    from sqla_pgotask.engine.settle import release
-
-    with SessionConnection(session_factory).connection() as (conn, _):
-        return release(conn, [(t.id, t.attempts) for t in tasks])
-
-
-#: Called with the ids a claim gave back as orphans (for logging).
-OrphansReleased = Callable[[list[int]], None]

@@ -32,13 +32,10 @@ class TaskLoop:
         self.source = source
         self.runner = runner
         self.handlers = handlers
-        #: Claimed tasks that could not run and were failed at once, so far.
-        self.refused = 0
 
     def claim(self, limit: int) -> tuple[list[Item], Claimed]:
         """Claim up to ``limit`` tasks; each with the context of its attempt, and the claim."""
         tasks = self.source.claim(limit)
-        self.refused += tasks.refused
         handlers = self.handlers
         return [(task, new_context(task, handlers[task.kind])) for task in tasks], tasks
 

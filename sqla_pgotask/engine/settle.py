@@ -40,10 +40,6 @@ class Failure:
     #: ``True``: the task ends ``failed``; else it runs again after ``delay`` seconds.
     final: bool
     delay: float = 0.0
-    #: The message recorded, when not ``str(error)``.
-    message: str | None = None
-    #: Whether the error row keeps the exception's traceback.
-    with_traceback: bool = True
 
 
 def failure_params(failures: Sequence[Failure], worker_id: str) -> dict[str, Any]:
@@ -54,11 +50,8 @@ def failure_params(failures: Sequence[Failure], worker_id: str) -> dict[str, Any
         final=[f.final for f in failures],
         delays=[f.delay for f in failures],
         exception_types=[qualified_name(type(f.error)) for f in failures],
-        messages=[str(f.error) if f.message is None else f.message for f in failures],
-        tracebacks=[
-            "".join(traceback.format_exception(f.error)) if f.with_traceback else None
-            for f in failures
-        ],
+        messages=[str(f.error) for f in failures],
+        tracebacks=["".join(traceback.format_exception(f.error)) for f in failures],
     )
 
 
