@@ -8,18 +8,18 @@ the handler's Session) over ``--n`` pre-enqueued tasks with
 ``scheduler.run_until_idle()`` on one thread, in a scratch database
 (``pgotask_bench_savepoints``, dropped afterwards), for each strategy in turn,
 ``--reps`` times interleaved, and prints tasks/s (median) and the ratio to
-the unsafe floor:
+the unsafe floor, and the client CPU per task (this process):
 
 * ``own transaction``: ``batch_size=1``, one transaction (and commit) per task;
 * ``savepoint + release``: batches of 100 where every task after the first
   sends ``SAVEPOINT`` and ``RELEASE SAVEPOINT`` as SQLAlchemy does by itself
   (the library's savepoint hooks bypassed): two extra round trips per task;
-* ``lazy, separate``: the savepoint is held back until the handler's first
-  statement, sent as a round trip of its own just before it, and never
-  released;
+* ``lazy, pipelined``: the savepoint is held back until the handler's
+  first statement and goes out in the same network write (psycopg pipeline
+  mode), never released;
 * ``library``: batches of 100 as the worker runs them: the held-back
-  savepoint goes out in the same network write as the handler's first
-  statement (psycopg pipeline mode) and is never released;
+  savepoint is sent as a round trip of its own just before the handler's
+  first statement, and never released;
 * ``library, no savepoint``: as ``library`` but the task savepoints are
   never sent (unsafe): what the ORM Session per task and the rest cost;
 * ``no isolation``: hand-written psycopg, the same SQL in one transaction per
@@ -52,10 +52,10 @@ READ = "SELECT v FROM app_ref WHERE id = %s"
 WRITE = "INSERT INTO app_rows (seq, v) VALUES (%s, %s)"
 
 
-class _Separate(_savepoints.LazySavepoints):
-    """Sends a held-back savepoint as a round trip of its own, just before the next statement."""
+class _Pipelined(_savepoints.LazySavepoints):
+    """Sends a held-back savepoint in the next statement's network write (pipeline mode)."""
 
-    pipeline = False
+    send = "pipelined"
 
 
 class _Dropped(_savepoints.LazySavepoints):
@@ -173,32 +173,35 @@ def main() -> None:
         modes: dict[str, Any] = {
             "own transaction": lambda: _library(session_factory, 1),
             "savepoint + release": lambda: _library(session_factory, 100, _Passthrough),
-            "lazy, separate": lambda: _library(session_factory, 100, _Separate),
+            "lazy, pipelined": lambda: _library(session_factory, 100, _Pipelined),
             "library": lambda: _library(session_factory, 100),
             "library, no savepoint": lambda: _library(session_factory, 100, _Dropped),
             "no isolation": lambda: _no_isolation(url),
         }
         rates: dict[str, list[float]] = {name: [] for name in modes}
+        cpu: dict[str, list[float]] = {name: [] for name in modes}
         seq = 0
         for _ in range(a.reps):
             for name, run in modes.items():
                 _enqueue(url, a.n, seq)
                 seq += a.n
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 ran = run()
                 elapsed = time.perf_counter() - started
                 assert ran == a.n, (name, ran)
                 rates[name].append(ran / elapsed)
+                cpu[name].append((time.process_time() - cpu_started) / ran)
         engine.dispose()
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     floor = statistics.median(rates["no isolation"])
     print(f"W5 handler, {a.n} tasks, one thread, median of {a.reps}")
-    print(f"{'strategy':<22}{'tasks/s':>10}{'vs floor':>10}{'µs/task':>10}")
+    print(f"{'strategy':<22}{'tasks/s':>10}{'vs floor':>10}{'µs/task':>10}{'client CPU µs':>15}")
     for name, values in rates.items():
         rate = statistics.median(values)
-        print(f"{name:<22}{rate:>10,.0f}{rate / floor:>9.2f}x{1e6 / rate:>10.0f}")
+        client = statistics.median(cpu[name]) * 1e6
+        print(f"{name:<22}{rate:>10,.0f}{rate / floor:>9.2f}x{1e6 / rate:>10.0f}{client:>15.0f}")
 
 
 if __name__ == "__main__":

@@ -121,15 +121,15 @@ def traced(engine: Engine) -> Iterator[Callable[[], list[str]]]:
             engine.dispose()
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["separate", "pipelined"])
+@pytest.mark.parametrize("send", ["separate", "pipelined"])
 def test_task_savepoints_are_taken_only_for_sql_and_never_released(
     app: sessionmaker[Session],
     engine: Engine,
     traced: Callable[[], list[str]],
     monkeypatch: pytest.MonkeyPatch,
-    pipeline: bool,
+    send: str,
 ) -> None:
-    monkeypatch.setattr(_savepoints.LazySavepoints, "pipeline", pipeline)
+    monkeypatch.setattr(_savepoints.LazySavepoints, "send", send)
     scheduler = Scheduler(app, batch_window=60)
 
     @scheduler.handler("sql")
@@ -173,7 +173,7 @@ def test_task_savepoints_are_taken_only_for_sql_and_never_released(
     # nested handler's own SAVEPOINT and RELEASE; the completion; COMMIT.
     round_trips = batch.count("\tSync") + batch.count("\tQuery\t")
     statements = kinds.count("sql") + kinds.count("nested")
-    task_savepoints = 0 if pipeline else 4
+    task_savepoints = 0 if send == "pipelined" else 4
     assert round_trips == 1 + statements + task_savepoints + 2 + 1 + 1, batch
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import (
@@ -269,7 +269,21 @@ def test_constant_and_callable_backoff(app: sessionmaker[Session]) -> None:
     assert asked == [1]
 
 
-def test_handler_may_not_commit(app: sessionmaker[Session]) -> None:
+# A handler first in its transaction owns it (no savepoint); a later one runs
+# in a savepoint: ending the transaction is caught in both places.
+AFTER_A_WRITE = pytest.mark.parametrize("after_a_write", [False, True], ids=["first", "later"])
+
+
+def _writer_first(scheduler: Scheduler) -> tuple[Task, ...]:
+    @scheduler.handler("writer")
+    def writer(session: Session, task: Task) -> None:
+        session.add(Ledger(task_id=task.id, note="kept"))
+
+    return (Task(kind="writer", priority=1),)
+
+
+@AFTER_A_WRITE
+def test_handler_may_not_commit(app: sessionmaker[Session], after_a_write: bool) -> None:
     scheduler = Scheduler(app)
 
     @scheduler.handler("committer", max_attempts=1)
@@ -277,13 +291,43 @@ def test_handler_may_not_commit(app: sessionmaker[Session]) -> None:
         session.add(Ledger(task_id=task.id))
         session.commit()
 
-    (task_id,) = add_tasks(app, Task(kind="committer"))
+    before = _writer_first(scheduler) if after_a_write else ()
+    *kept, task_id = add_tasks(app, *before, Task(kind="committer"))
     scheduler.run_until_idle()
     assert get_task(app, task_id).status is TaskStatus.FAILED
     (error,) = errors_of(app, task_id)
     assert error.exception_type == "sqla_pgotask.errors.HandlerTransactionError"
     assert "must not call session.commit()" in error.message
-    assert ledger_ids(app) == []
+    assert ledger_ids(app) == kept
+
+
+def test_a_handler_that_does_not_use_its_session_begins_no_transaction(
+    app: sessionmaker[Session],
+) -> None:
+    """Its Session holds the task, yet begins nothing; the application's commit listeners still run."""
+    scheduler = Scheduler(app)
+    seen: list[tuple[bool, bool]] = []
+    handler_sessions: list[Session] = []
+    begun: list[Session] = []  # by any of the application's Sessions (claims use one too)
+    committed: list[Session] = []
+
+    @scheduler.handler("idle")
+    def idle(session: Session, task: Task) -> None:
+        handler_sessions.append(session)
+        seen.append((task in session, session.in_transaction()))
+
+    (task_id,) = add_tasks(app, Task(kind="idle"))
+    # (The fixture's sessionmaker is this test's alone: its listeners go with it.)
+    event.listen(app, "after_begin", lambda session, *_: begun.append(session))
+    assert scheduler.run_until_idle() == 1
+    assert seen == [(True, False)]
+    assert handler_sessions[0] not in begun
+
+    event.listen(app, "after_commit", committed.append)
+    (again,) = add_tasks(app, Task(kind="idle"))
+    assert scheduler.run_until_idle() == 1
+    assert handler_sessions[1] in committed  # observed: the worker commits the handler's Session
+    assert get_task(app, task_id).status is get_task(app, again).status is TaskStatus.SUCCEEDED
 
 
 def test_handler_may_use_savepoints(app: sessionmaker[Session]) -> None:
@@ -326,7 +370,10 @@ def test_the_task_is_in_the_handlers_session_with_its_errors(
     assert get_task(app, task_id).status is TaskStatus.SUCCEEDED
 
 
-def test_handler_that_rolls_back_fails_the_task(app: sessionmaker[Session]) -> None:
+@AFTER_A_WRITE
+def test_handler_that_rolls_back_fails_the_task(
+    app: sessionmaker[Session], after_a_write: bool
+) -> None:
     scheduler = Scheduler(app)
 
     @scheduler.handler("rollbacker", max_attempts=1)
@@ -336,12 +383,13 @@ def test_handler_that_rolls_back_fails_the_task(app: sessionmaker[Session]) -> N
         session.rollback()
         session.add(Ledger(task_id=task.id + 1))
 
-    (task_id,) = add_tasks(app, Task(kind="rollbacker"))
+    before = _writer_first(scheduler) if after_a_write else ()
+    *kept, task_id = add_tasks(app, *before, Task(kind="rollbacker"))
     scheduler.run_until_idle()
     assert get_task(app, task_id).status is TaskStatus.FAILED
     (error,) = errors_of(app, task_id)
     assert error.exception_type == "sqla_pgotask.errors.HandlerTransactionError"
-    assert ledger_ids(app) == []
+    assert ledger_ids(app) == kept
 
 
 def test_handler_database_error_fails_the_attempt(app: sessionmaker[Session]) -> None:

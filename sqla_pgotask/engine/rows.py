@@ -58,7 +58,8 @@ class Claimed(list[Task]):
 
 
 def _claim_order(task: Task) -> tuple[int, Any, int]:
-    return (-task.priority, task.run_at, task.id)
+    values = task.__dict__
+    return (-values["priority"], values["run_at"], values["id"])
 
 
 def driver_connection(connection: Connection) -> psycopg.Connection[Any]:
@@ -112,8 +113,8 @@ def _tasks(
     description: Sequence[psycopg.Column], rows: Sequence[tuple[Any, ...]], dialect: Dialect
 ) -> tuple[Claimed, list[tuple[Task, str]]]:
     configure_mappers()  # a new process's first claim may come before any other ORM use
-    setters = _setters(tuple((c.name, c.type_code) for c in description), dialect)
-    id_at = [c.name for c in description].index("id")
+    keys, processed, decoded = _loading(tuple((c.name, c.type_code) for c in description), dialect)
+    id_at = keys.index("id")
     mapper = inspect(Task)
     new_instance = mapper.class_manager.new_instance
     identity_key = mapper.identity_key_from_primary_key
@@ -131,23 +132,27 @@ def _tasks(
         # attribute: all the columns are loaded, and the one relationship
         # (errors) loads lazily on first use, as after a query.
         values = task.__dict__
+        values.update(zip(keys, row))
+        values.pop(None, None)  # columns that are not the task's
+        for key, process in processed:
+            value = values[key]
+            if value is not None:
+                values[key] = process(value)
         problem = None
-        for index, key, process, is_json in setters:
-            value = row[index]
-            if value is None:
-                pass
-            elif is_json:
+        for key in decoded:
+            value = values[key]
+            if value is not None:
                 try:
-                    value = loads(value)
+                    values[key] = loads(value)
                 except (RecursionError, ValueError) as exc:
                     problem = f"its {key} cannot be decoded: {type(exc).__name__}: {exc}"
-                    value = None
-            elif process is not None:
-                value = process(value)
-            values[key] = value
+                    values[key] = None
         instance_state(task).key = identity_key((values["id"],))
-        if problem is None and task.max_attempts is not None and task.attempts > task.max_attempts:
-            problem = f"it has no attempt left ({task.attempts - 1} of {task.max_attempts} used)"
+        if problem is None:
+            limit = values["max_attempts"]
+            if limit is not None and values["attempts"] > limit:
+                used = values["attempts"] - 1
+                problem = f"it has no attempt left ({used} of {limit} used)"
         if problem is None:
             claimed.append(task)
         else:
@@ -158,21 +163,34 @@ def _tasks(
 
 
 @cache
-def _setters(
+def _loading(
     columns: tuple[tuple[str, int], ...], dialect: Dialect
-) -> list[tuple[int, str, Any, bool]]:
-    """For each returned column mapped by ``Task``: index, attribute, result processor, JSON?"""
+) -> tuple[list[str | None], list[tuple[str, Any]], list[str]]:
+    """How the returned columns load into a ``Task``'s dict.
+
+    The attribute of each column (``None`` for a column ``Task`` does not
+    map), the attributes whose values go through the column type's result
+    processor, and the JSON attributes, decoded row by row.
+    """
     mapper = inspect(Task)
     table = Task.__table__
-    setters = []
-    for index, (name, type_code) in enumerate(columns):
+    keys: list[str | None] = []
+    processed: list[tuple[str, Any]] = []
+    decoded: list[str] = []
+    for name, type_code in columns:
         column = table.c.get(name)
         if column is None:
+            keys.append(None)
             continue
         key = mapper.get_property_by_column(column).key
+        keys.append(key)
+        if name in _JSON_COLUMNS:
+            decoded.append(key)
+            continue
         process = column.type.dialect_impl(dialect).result_processor(dialect, type_code)
-        setters.append((index, key, process, name in _JSON_COLUMNS))
-    return setters
+        if process is not None:
+            processed.append((key, process))
+    return keys, processed, decoded
 
 
 def _fail_refused(

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm.base import instance_state
 
 from sqla_pgotask.context import AttemptContext, Outcome, reset_current, set_current
 from sqla_pgotask.engine import savepoints as _savepoints
@@ -48,6 +49,8 @@ from sqla_pgotask.models import Task
 logger = logging.getLogger("sqla_pgotask.worker")
 
 _IN_HANDLER = "sqla_pgotask.in_handler"
+#: ``session.info`` key: the handler's Session transaction, once it began one.
+_ROOT = "sqla_pgotask.root"
 # Bounds the handler's SQL on the server: each statement, and time spent idle
 # inside the transaction (a handler stuck in Python holding locks).
 _SET_TIMEOUTS = text(
@@ -118,6 +121,16 @@ def _forbid_handler_commit(session: Session) -> None:
         )
 
 
+def _note_root(session: Session, transaction: SessionTransaction) -> None:
+    # The handler's Session begins its transaction when the handler first
+    # uses it (or never): remember that one, to tell afterwards whether the
+    # handler ended it.
+    if transaction.parent is None:
+        info = session.info
+        if info.get(_IN_HANDLER) and _ROOT not in info:
+            info[_ROOT] = transaction
+
+
 _listen_lock = threading.Lock()
 
 
@@ -125,6 +138,8 @@ def _guard_commits(session_factory: sessionmaker[Session]) -> None:
     with _listen_lock:
         if not event.contains(session_factory, "before_commit", _forbid_handler_commit):
             event.listen(session_factory, "before_commit", _forbid_handler_commit)
+        if not event.contains(session_factory, "after_transaction_create", _note_root):
+            event.listen(session_factory, "after_transaction_create", _note_root)
 
 
 @dataclass
@@ -317,26 +332,26 @@ class BatchRunner:
         lazy: _savepoints.LazySavepoints,
     ) -> object:
         statements = lazy.statements
-        session.add(task)  # begins the Session's transaction
-        root = session.get_transaction()
-        assert root is not None
-        session.info[_IN_HANDLER] = True
+        attach(session, task)
+        info = session.info
+        info[_IN_HANDLER] = True
         try:
             result = handler(session, task)
             session.flush()
         finally:
-            session.info[_IN_HANDLER] = False
-        if session.get_transaction() is not root or not root.is_active:
+            info[_IN_HANDLER] = False
+        root: SessionTransaction | None = info.pop(_ROOT, None)
+        if root is not None and (session.get_transaction() is not root or not root.is_active):
             raise HandlerTransactionError(
                 "the handler ended the task's transaction (session.rollback() or "
                 "session.close()); raise an exception to fail the task instead"
             )
         ctx.check()  # cancelled, timed out or lost while the handler ran: do not commit
         if lazy.statements != statements or _observes_commits(session):
-            root.commit()
+            (root or session.begin()).commit()
         # Else the handler sent no SQL (nor did its flush), and nothing
         # listens for the commit: there is nothing to commit, and closing
-        # the Session ends its transaction.
+        # the Session ends its transaction, if the handler began one.
         return result
 
     def _after_exception(
@@ -536,6 +551,24 @@ _OUTCOME_WORDS = {
     Outcome.RELEASED: "given back to run again",
     Outcome.SNOOZED: "snoozed",
 }
+
+
+def attach(session: Session, task: Task) -> None:
+    """Put ``task`` in ``session`` as ``session.add()`` does, without beginning a transaction.
+
+    The task is persistent in the Session (``task in session``, its
+    ``errors`` load, ``session.refresh(task)`` works), and the Session begins
+    its transaction when the handler first uses it: a handler that never
+    does costs no transaction.  With listeners for attach events, the
+    Session's own ``add()`` runs them.
+    """
+    dispatch = session.dispatch
+    if dispatch.after_attach or dispatch.detached_to_persistent:
+        session.add(task)
+        return
+    state = instance_state(task)
+    session.identity_map.add(state)
+    state.session_id = session.hash_key
 
 
 def _observes_commits(session: Session) -> bool:

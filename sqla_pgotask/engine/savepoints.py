@@ -8,10 +8,12 @@ to its own savepoint and the others keep their writes.  Done naively that is
 two statements through SQLAlchemy's execution machinery.  On the batch's
 connections only, the engine's dialect does instead:
 
-* the task's ``SAVEPOINT`` is only noted (``do_savepoint``), and sent with
-  the handler's first statement, in the same network write (psycopg
-  pipeline mode; a ``do_execute`` event, a public SQLAlchemy hook); a
-  handler that issues no SQL sends none;
+* the task's ``SAVEPOINT`` is only noted (``do_savepoint``), and sent just
+  before the handler's first statement (a ``do_execute`` event, a public
+  SQLAlchemy hook), as a round trip of its own; a handler that issues no
+  SQL sends none.  (Sending it in the statement's network write, psycopg's
+  pipeline mode, saves the round trip but costs more client CPU than it
+  saves: :attr:`LazySavepoints.send`);
 * its ``RELEASE`` is never sent (``do_release_savepoint``): the savepoint
   stays open until the batch commits (rolling back to it still undoes
   exactly that task's writes, since it is the innermost one while its task
@@ -22,8 +24,7 @@ connections only, the engine's dialect does instead:
 
 The three ``do_*savepoint`` methods are wrapped on the engine's own dialect
 object, and act as before on every connection that runs no batch.
-``benchmarks/savepoints.py`` measures each choice (``pipeline = False``
-sends the held-back savepoint as a round trip of its own).  Savepoints a
+``benchmarks/savepoints.py`` measures each choice (:attr:`LazySavepoints.send`).  Savepoints a
 handler takes itself (``session.begin_nested()``) are sent and released as
 usual.
 """
@@ -47,9 +48,11 @@ TASK_SAVEPOINT = "pgotask_task"
 class LazySavepoints:
     """The state of one batch connection: is a task's savepoint held back?"""
 
-    #: Send a held-back savepoint with the next statement in one network write
-    #: (psycopg pipeline mode), rather than as a round trip of its own.
-    pipeline = True
+    #: How a held-back savepoint goes out before the statement that needs it:
+    #: ``"separate"``, a round trip of its own; ``"pipelined"``, in the
+    #: statement's network write (psycopg pipeline mode: no extra round trip,
+    #: more client CPU, which is what a busy worker runs out of first).
+    send = "separate"
 
     def __init__(self) -> None:
         self.armed = False
@@ -111,13 +114,14 @@ class LazySavepoints:
         self.sent = True
         self.open += 1
         connection = cursor.connection
-        if not self.pipeline or getattr(cursor, "name", None):
-            connection.execute(_SAVEPOINT + TASK_SAVEPOINT)
-            return False
-        with connection.pipeline():
-            connection.execute(_SAVEPOINT + TASK_SAVEPOINT)
-            run(cursor)
-        return True
+        send = self.send
+        if send == "pipelined" and not getattr(cursor, "name", None):
+            with connection.pipeline():
+                connection.execute(_SAVEPOINT + TASK_SAVEPOINT)
+                run(cursor)
+            return True
+        connection.execute(_SAVEPOINT + TASK_SAVEPOINT)
+        return False
 
 
 # Batch connections (DBAPI connection -> state), registered while a batch runs.
