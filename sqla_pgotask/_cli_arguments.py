@@ -19,14 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sqla_pgotask._cli_database import MAX_JSON_DEPTH, check_text
+from sqla_pgotask.worker.supervisor import MAX_PROCESSES
 
 # The database's integer types.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
 INT8_MAX = 2**63 - 1
 #: ``--concurrency`` and ``--queue Q=N``: handler threads of one process.
 MAX_CONCURRENCY = 1024
-#: ``--processes``: worker processes of one supervisor.
-MAX_PROCESSES = 256
 #: ``--batch-size`` and ``list --limit``: tasks handled or printed at once.
 MAX_BATCH = 1_000_000
 #: Every duration and number of seconds: 100 years.

@@ -13,6 +13,7 @@ from functools import cache
 from importlib.resources import files
 
 from sqlalchemy import TextClause, text
+from sqlalchemy.dialects import postgresql
 
 _NAME = re.compile(r"^-- (name|fragment): (\w+)\s*$", re.MULTILINE)
 _INCLUDE = re.compile(r"\{\{(\w+)\}\}")
@@ -50,3 +51,12 @@ def _expand(body: str, fragments: dict[str, str]) -> str:
 def query(name: str) -> TextClause:
     """The named statement as a SQLAlchemy ``text()`` construct."""
     return text(_load()[name])
+
+
+@cache
+def driver_sql(name: str) -> str:
+    """The named query in psycopg's ``%(name)s`` parameter style."""
+    return str(query(name).compile(dialect=_DIALECT))
+
+
+_DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]

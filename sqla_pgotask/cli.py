@@ -35,7 +35,6 @@ from sqla_pgotask import _metrics_cli
 from sqla_pgotask._cli_arguments import (
     INT4_MAX,
     MAX_CONCURRENCY,
-    MAX_PROCESSES,
     batch_size_option,
     concurrency,
     duration,
@@ -72,7 +71,7 @@ from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaErro
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.scheduler import Scheduler
-from sqla_pgotask.supervisor import READY_FD_OPTION, SUPERVISOR_PID_OPTION
+from sqla_pgotask.worker.supervisor import MAX_PROCESSES, READY_FD_OPTION, SUPERVISOR_PID_OPTION
 
 __all__ = [
     "EXIT_ERROR",
@@ -191,7 +190,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # too. Inside the try: a signal may arrive the moment the handler is set.
         _install_stop_signals(current, supervised=supervised)
         if supervised:
-            from sqla_pgotask.supervisor import watch_supervisor
+            from sqla_pgotask.worker.supervisor import watch_supervisor
 
             watch_supervisor(args.supervisor_pid, args.ready_fd, current)
         prometheus = _metrics_cli.load(args) if _metrics_cli.wanted(args) else None
@@ -226,7 +225,7 @@ def _served_queues(
 
 def _supervise(args: argparse.Namespace) -> int:
     """``pgotask worker --processes N``: run N worker processes under a supervisor."""
-    from sqla_pgotask.supervisor import ChildFailedError, Supervisor
+    from sqla_pgotask.worker.supervisor import ChildFailedError, Supervisor
 
     if args.supervisor_pid is not None:
         raise UsageError(f"{SUPERVISOR_PID_OPTION} is for worker processes run by a supervisor")

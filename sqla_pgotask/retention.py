@@ -33,7 +33,7 @@ import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._connections import driver_sql
+from sqla_pgotask._queries import driver_sql
 from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.models import TASK_BIND, TaskStatus
 from sqla_pgotask.schema import check_schema

@@ -33,9 +33,6 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from sqla_pgotask._connection_slots import when_admitted
-from sqla_pgotask._connections import require_psycopg
-from sqla_pgotask._maintenance import Timing
 from sqla_pgotask.engine.claims import SessionConnection, claim_source
 from sqla_pgotask.engine.limit_plan import plan_limits
 from sqla_pgotask.engine.loop import TaskLoop
@@ -57,7 +54,10 @@ from sqla_pgotask.periodic import (
 from sqla_pgotask.retention import Retention
 from sqla_pgotask.retry import RetrySpec
 from sqla_pgotask.schema import check_schema
-from sqla_pgotask.worker import Worker, WorkerSettings, WorkerStats, new_worker_id
+from sqla_pgotask.worker.connection_slots import when_admitted
+from sqla_pgotask.worker.connections import require_psycopg
+from sqla_pgotask.worker.maintenance import Timing
+from sqla_pgotask.worker.threaded import Worker, WorkerSettings, WorkerStats, new_worker_id
 
 #: Finished tasks kept 1 day (succeeded, cancelled) or 14 days (failed).
 DEFAULT_RETENTION = Retention()

@@ -47,7 +47,7 @@ from sqla_pgotask.handlers import Handler, HandlerFunc
 from sqla_pgotask.models import TASK_BIND, Task, TaskError, TaskStatus
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.schema import check_schema
-from sqla_pgotask.worker import new_worker_id
+from sqla_pgotask.worker.threaded import new_worker_id
 
 __all__ = [
     "DRAIN_LIMIT",

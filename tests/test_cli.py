@@ -396,7 +396,8 @@ def test_signal_right_after_the_handlers_are_set_stops_cleanly(
     # The supervisor may stop a worker process at any moment of its start:
     # here SIGTERM lands while the supervised process sets up its watcher,
     # before the application is imported. It exits 0, with no traceback.
-    from sqla_pgotask import cli, supervisor
+    from sqla_pgotask import cli
+    from sqla_pgotask.worker import supervisor
 
     def signalled_while_watching(*_: object) -> None:
         os.kill(os.getpid(), signal.SIGTERM)

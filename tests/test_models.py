@@ -31,8 +31,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.attributes import flag_modified
 
 from sqla_pgotask import InvalidPayloadError, Task, TaskError, TaskStatus
-from sqla_pgotask._connections import _DIALECT
-from sqla_pgotask._queries import query
+from sqla_pgotask._queries import _DIALECT, query
 
 
 class AppBase(DeclarativeBase):

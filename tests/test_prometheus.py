@@ -28,7 +28,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import ConfigurationError, Scheduler, Task, TaskStatus, prometheus
-from sqla_pgotask.supervisor import ChildFailedError, Supervisor
+from sqla_pgotask.worker.supervisor import ChildFailedError, Supervisor
 from tests.apps.ledger import LedgerEntry, create_ledger
 from tests.helpers import add_tasks, process_gone, wait_until
 from tests.processes import (

@@ -23,12 +23,12 @@ from sqla_pgotask import (
     TaskStatus,
     current_attempt,
 )
-from sqla_pgotask import worker as worker_module
-from sqla_pgotask._maintenance import node_id
 from sqla_pgotask.engine.claims import PlainClaims
 from sqla_pgotask.engine.rows import driver_connection
 from sqla_pgotask.errors import WorkerStuckError
-from sqla_pgotask.worker import WorkerStats
+from sqla_pgotask.worker import threaded as worker_module
+from sqla_pgotask.worker.maintenance import node_id
+from sqla_pgotask.worker.threaded import WorkerStats
 from tests.helpers import (
     AppBase,
     Ledger,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import RegisteredWorker, Task, TaskError, TaskStatus
 from sqla_pgotask.cli import _worker_process_args, build_parser
-from sqla_pgotask.supervisor import describe_exit, restart_delay
+from sqla_pgotask.worker.supervisor import describe_exit, restart_delay
 from tests.apps.faulty import POISON_MAX_ATTEMPTS, SCHEDULER, LedgerEntry, create_ledger
 from tests.helpers import process_gone, wait_until
 from tests.processes import WorkerProcess, pgotask_worker, run_pgotask

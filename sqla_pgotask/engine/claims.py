@@ -32,8 +32,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._connections import driver_sql
-from sqla_pgotask._queries import query
+from sqla_pgotask._queries import driver_sql, query
 from sqla_pgotask.engine.limit_plan import LimitPlan
 from sqla_pgotask.engine.rows import Claimed, claim_cursor, driver_connection, take_claimed
 from sqla_pgotask.models import Task

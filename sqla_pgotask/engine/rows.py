@@ -25,7 +25,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.base import instance_state
 
-from sqla_pgotask._connections import driver_sql
+from sqla_pgotask._queries import driver_sql
 from sqla_pgotask.engine.settle import fail_params
 from sqla_pgotask.errors import ConfigurationError, UnrunnableTaskError, qualified_name
 from sqla_pgotask.models import Task

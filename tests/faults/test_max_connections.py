@@ -36,7 +36,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sqla_pgotask import Scheduler
 from sqla_pgotask.embedded import EmbeddedPostgres
-from sqla_pgotask.worker import WorkerStats
+from sqla_pgotask.worker.threaded import WorkerStats
 from tests.faults.harness import (
     Fleet,
     Probe,

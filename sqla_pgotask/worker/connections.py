@@ -5,14 +5,11 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from functools import cache
 from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, text
-from sqlalchemy.dialects import postgresql
 
-from sqla_pgotask._queries import query
 from sqla_pgotask.errors import ConfigurationError
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -94,12 +91,3 @@ def notifications_arrive(
         return False
     finally:
         conn.execute(f"UNLISTEN {channel}")
-
-
-@cache
-def driver_sql(name: str) -> str:
-    """The named query in psycopg's ``%(name)s`` parameter style."""
-    return str(query(name).compile(dialect=_DIALECT))
-
-
-_DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]

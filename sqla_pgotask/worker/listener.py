@@ -20,12 +20,8 @@ from typing import Protocol
 
 from sqlalchemy import Engine
 
-from sqla_pgotask._connections import (
-    Connection,
-    dedicated_connection,
-    driver_sql,
-    notifications_arrive,
-)
+from sqla_pgotask._queries import driver_sql
+from sqla_pgotask.worker.connections import Connection, dedicated_connection, notifications_arrive
 
 logger = logging.getLogger("sqla_pgotask.worker")
 

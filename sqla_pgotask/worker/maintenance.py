@@ -29,10 +29,11 @@ from functools import cache
 import psycopg
 from sqlalchemy import Engine
 
-from sqla_pgotask._connections import Connection, dedicated_connection, driver_sql
+from sqla_pgotask._queries import driver_sql
 from sqla_pgotask.context import AttemptContext
 from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS
 from sqla_pgotask.retention import Retention, apply_retention
+from sqla_pgotask.worker.connections import Connection, dedicated_connection
 
 logger = logging.getLogger("sqla_pgotask.worker")
 

@@ -32,9 +32,6 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_pgotask._listener import Listener
-from sqla_pgotask._maintenance import Identity, Maintenance, Timing, node_id
-from sqla_pgotask._periodic_thread import PeriodicThread
 from sqla_pgotask._queries import query
 from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.engine import settle
@@ -56,6 +53,9 @@ from sqla_pgotask.middleware import NO_HOOKS, Hooks
 from sqla_pgotask.models import TASK_BIND
 from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.retention import Retention
+from sqla_pgotask.worker.listener import Listener
+from sqla_pgotask.worker.maintenance import Identity, Maintenance, Timing, node_id
+from sqla_pgotask.worker.periodic_thread import PeriodicThread
 
 logger = logging.getLogger("sqla_pgotask.worker")
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from sqla_pgotask._connections import Connection, dedicated_connection, driver_sql
+from sqla_pgotask._queries import driver_sql
 from sqla_pgotask.periodic import Execute, Schedule, Tick, enqueue_due
+from sqla_pgotask.worker.connections import Connection, dedicated_connection
 
 logger = logging.getLogger("sqla_pgotask.periodic")
 
