@@ -160,7 +160,8 @@ def test_database_url_from_the_option_then_pgotask_database_url_then_database_ur
 def test_an_unexpected_error_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sqla_pgotask import _admin_cli, cli
+    from sqla_pgotask import cli
+    from sqla_pgotask.cli import admin as _admin_cli
 
     def broken(args: object) -> int:
         raise RuntimeError("something broke\nover two lines")
@@ -397,6 +398,7 @@ def test_signal_right_after_the_handlers_are_set_stops_cleanly(
     # here SIGTERM lands while the supervised process sets up its watcher,
     # before the application is imported. It exits 0, with no traceback.
     from sqla_pgotask import cli
+    from sqla_pgotask.cli.worker import cmd_worker
     from sqla_pgotask.worker import supervisor
 
     def signalled_while_watching(*_: object) -> None:
@@ -406,4 +408,4 @@ def test_signal_right_after_the_handlers_are_set_stops_cleanly(
     args = cli.build_parser().parse_args(
         ["worker", "nosuchmodule:scheduler", supervisor.SUPERVISOR_PID_OPTION, str(os.getppid())]
     )
-    assert cli.cmd_worker(args) == cli.EXIT_OK
+    assert cmd_worker(args) == cli.EXIT_OK

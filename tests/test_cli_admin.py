@@ -18,7 +18,6 @@ from sqlalchemy import create_engine, func, make_url, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus
-from sqla_pgotask._admin_cli import ProgressBar
 from sqla_pgotask.admin import (
     TaskFilter,
     cancel_tasks,
@@ -28,6 +27,7 @@ from sqla_pgotask.admin import (
     queue_stats,
     retry_tasks,
 )
+from sqla_pgotask.cli.admin import ProgressBar
 from sqla_pgotask.models import RegisteredWorker
 from tests.helpers import add_tasks
 from tests.helpers import get_task as stored_task  # get_task here: the admin function

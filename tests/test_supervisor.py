@@ -20,7 +20,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import RegisteredWorker, Task, TaskError, TaskStatus
-from sqla_pgotask.cli import _worker_process_args, build_parser
+from sqla_pgotask.cli import build_parser
+from sqla_pgotask.cli.worker import _worker_process_args
 from sqla_pgotask.worker.supervisor import describe_exit, restart_delay
 from tests.apps.faulty import POISON_MAX_ATTEMPTS, SCHEDULER, LedgerEntry, create_ledger
 from tests.helpers import process_gone, wait_until
@@ -185,7 +186,7 @@ def test_worker_processes_get_every_worker_option() -> None:
         "supervisor_pid",
         "ready_fd",
         # Not forwarded: the supervisor serves the metrics, and gives its worker
-        # processes the hidden --metrics-dir instead (sqla_pgotask._metrics_cli).
+        # processes the hidden --metrics-dir instead (sqla_pgotask.cli.metrics).
         "metrics_port",
         "metrics_host",
         "metrics_dir",

@@ -3,13 +3,13 @@
 Exit codes scripts can rely on: 0 success, 2 bad arguments or a bad
 ``module:attribute`` (usage), 3 database unreachable, 4 database schema
 missing or outdated, 1 anything else.  ``pgotask worker --processes N`` (N >
-1) runs a supervisor (:mod:`sqla_pgotask.supervisor`) that exits with the
+1) runs a supervisor (:mod:`sqla_pgotask.worker.supervisor`) that exits with the
 code of a worker process that failed for good.
 
 Whatever the input, the command ends with one line on stderr
 (``pgotask: error: ...``) rather than a traceback: arguments are checked
 against the limits of the database's types, and database errors are told
-apart by SQLSTATE (:func:`sqla_pgotask._cli_database.database_error`).
+apart by SQLSTATE (:func:`sqla_pgotask.cli.database.database_error`).
 ``--log-level DEBUG`` shows the traceback of an unexpected error.
 """
 
@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import logging
-import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Sequence
 from typing import NoReturn
 
 import psycopg
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from sqla_pgotask import _metrics_cli
-from sqla_pgotask._cli_arguments import (
+from sqla_pgotask._exit_codes import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_SCHEMA,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+)
+from sqla_pgotask.cli import metrics
+from sqla_pgotask.cli.arguments import (
     INT4_MAX,
     MAX_CONCURRENCY,
     batch_size_option,
@@ -49,7 +53,7 @@ from sqla_pgotask._cli_arguments import (
     shown,
     whole_number,
 )
-from sqla_pgotask._cli_database import (
+from sqla_pgotask.cli.database import (
     DATABASE_URL_HELP,
     URL_ENVIRONMENT,
     database_engine,
@@ -58,19 +62,11 @@ from sqla_pgotask._cli_database import (
     find_url,
     sessions,
 )
-from sqla_pgotask._cli_output import terminal_text
-from sqla_pgotask._exit_codes import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_SCHEMA,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    UsageError,
-)
+from sqla_pgotask.cli.output import terminal_text
+from sqla_pgotask.cli.worker import cmd_worker
 from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaError
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.retention import FINISHED_STATUSES
-from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker.supervisor import MAX_PROCESSES, READY_FD_OPTION, SUPERVISOR_PID_OPTION
 
 __all__ = [
@@ -81,7 +77,6 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "build_parser",
-    "load_scheduler",
     "main",
 ]
 
@@ -92,180 +87,10 @@ _LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(mess
 logger = logging.getLogger("sqla_pgotask.cli")
 
 
-def split_scheduler_path(path: str) -> tuple[str, str]:
-    """``module:attribute`` as ``(module, attribute)``, or :class:`UsageError`."""
-    module_name, sep, attr_path = path.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise UsageError(
-            f"expected 'module:attribute' (like 'myapp.tasks:scheduler'), got {path!r}"
-        )
-    return module_name, attr_path
-
-
-def load_scheduler(path: str) -> Scheduler:
-    """Import ``module:attribute`` (from the current directory too) and check it is a Scheduler."""
-    module_name, attr_path = split_scheduler_path(path)
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise UsageError(
-                f"cannot import module {module_name!r}: no module named {exc.name!r}"
-            ) from exc
-        raise UsageError(f"importing module {module_name!r} failed: {exc}") from exc
-    except Exception as exc:
-        raise UsageError(
-            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    obj: object = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attr_path!r}") from None
-    if not isinstance(obj, Scheduler):
-        raise UsageError(f"{path!r} is of type {type(obj).__name__}, not a sqla_pgotask.Scheduler")
-    return obj
-
-
-class _StoppedBeforeStart(BaseException):
-    """A stop signal arrived before the worker was running: there is nothing to wait for.
-
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
-    on the way (connecting, checking the schema) swallows or wraps it.
-    """
-
-
-def _install_stop_signals(
-    scheduler: Callable[[], Scheduler | None], *, supervised: bool = False
-) -> None:
-    """SIGINT/SIGTERM stop gracefully; a second one exits at once.
-
-    Under a supervisor, a second signal changes nothing: the same signal may
-    well arrive twice (from the terminal or systemd to the whole group, and
-    forwarded by the supervisor), and the supervisor escalates with SIGKILL.
-    """
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if received:
-            if supervised:
-                logger.info(
-                    "%s again: already stopping (the supervisor decides when to kill)",
-                    signal.Signals(signum).name,
-                )
-                return
-            logger.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(128 + signum)
-        received.append(signum)
-        logger.warning(
-            "%s: stopping after in-flight tasks (send it again to exit now)",
-            signal.Signals(signum).name,
-        )
-        current = scheduler()
-        if current is None or current.running_worker is None:
-            # Still starting (importing, connecting, checking the schema):
-            # Scheduler.stop() would be a no-op and the worker would start anyway.
-            raise _StoppedBeforeStart
-        current.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    """Run a worker for the scheduler at ``module:attribute`` until SIGINT/SIGTERM."""
-    if args.processes > 1:
-        return _supervise(args)
-    supervised = args.supervisor_pid is not None
-    loaded: list[Scheduler] = []
-
-    def current() -> Scheduler | None:
-        return loaded[0] if loaded else None
-
-    try:
-        # Before importing the application: a signal while it loads stops cleanly
-        # too. Inside the try: a signal may arrive the moment the handler is set.
-        _install_stop_signals(current, supervised=supervised)
-        if supervised:
-            from sqla_pgotask.worker.supervisor import watch_supervisor
-
-            watch_supervisor(args.supervisor_pid, args.ready_fd, current)
-        prometheus = _metrics_cli.load(args) if _metrics_cli.wanted(args) else None
-        loaded.append(load_scheduler(args.scheduler))
-        if prometheus is not None:
-            _metrics_cli.instrument(prometheus, loaded[0])
-            if args.metrics_port is not None:
-                _metrics_cli.serve(prometheus, args)
-        stats = loaded[0].run(
-            concurrency=args.concurrency,
-            queues=_served_queues(args.queue, args.concurrency or loaded[0].settings.concurrency),
-            poll_interval=args.poll_interval,
-            shutdown_grace=args.shutdown_grace,
-        )
-    except _StoppedBeforeStart:
-        logger.info("worker stopped before it started")
-        return EXIT_OK
-    logger.info("worker done: %s", stats)
-    return EXIT_OK
-
-
-def _served_queues(
-    specs: list[tuple[str, int | None]] | None, concurrency: int
-) -> list[str] | dict[str, int] | None:
-    """``--queue`` values: names, or ``{name: concurrency}`` once one says ``NAME=N``."""
-    if not specs:
-        return None
-    if all(n is None for _, n in specs):
-        return list(dict.fromkeys(name for name, _ in specs))
-    return {name: concurrency if n is None else n for name, n in specs}
-
-
-def _supervise(args: argparse.Namespace) -> int:
-    """``pgotask worker --processes N``: run N worker processes under a supervisor."""
-    from sqla_pgotask.worker.supervisor import ChildFailedError, Supervisor
-
-    if args.supervisor_pid is not None:
-        raise UsageError(f"{SUPERVISOR_PID_OPTION} is for worker processes run by a supervisor")
-    if not hasattr(signal, "SIGCHLD"):
-        raise UsageError("--processes needs POSIX signals; run one 'pgotask worker' per process")
-    split_scheduler_path(args.scheduler)  # fail now, not in N processes
-    try:
-        with _metrics_cli.supervisor_metrics(args) as (metrics_args, on_exit):
-            worker_args = _worker_process_args(args) + metrics_args
-            return Supervisor(worker_args, args.processes, on_exit=on_exit).run()
-    except ChildFailedError as exc:
-        print(f"pgotask: error: {exc}", file=sys.stderr)
-        return exc.code
-
-
-def _worker_process_args(args: argparse.Namespace) -> list[str]:
-    """The arguments of one worker process: these, without ``--processes``
-    (nor ``--metrics-port``: the supervisor serves the metrics).
-
-    Every ``pgotask worker`` option must be passed on here.  ``--opt=value``
-    keeps a value that starts with a dash (a queue name) from reading as an
-    option.
-    """
-    argv = [f"--log-level={args.log_level}", "worker", args.scheduler]
-    if args.concurrency is not None:
-        argv.append(f"--concurrency={args.concurrency}")
-    argv.extend(
-        f"--queue={name}" if n is None else f"--queue={name}={n}" for name, n in args.queue or ()
-    )
-    if args.poll_interval is not None:
-        argv.append(f"--poll-interval={args.poll_interval!r}")
-    if args.shutdown_grace is not None:
-        argv.append(f"--shutdown-grace={args.shutdown_grace!r}")
-    return argv
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete finished tasks older than --older-than, in batches (see docs/pruning.md)."""
 
-    from sqla_pgotask._admin_cli import ProgressBar
+    from sqla_pgotask.cli.admin import ProgressBar
     from sqla_pgotask.retention import prune_tasks
 
     statuses = tuple(dict.fromkeys(args.status)) if args.status else FINISHED_STATUSES
@@ -485,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         READY_FD_OPTION, type=whole_number(0, INT4_MAX), default=None, help=argparse.SUPPRESS
     )
     worker.add_argument(
-        _metrics_cli.METRICS_DIR_OPTION, default=None, dest="metrics_dir", help=argparse.SUPPRESS
+        metrics.METRICS_DIR_OPTION, default=None, dest="metrics_dir", help=argparse.SUPPRESS
     )
     worker.set_defaults(func=cmd_worker)
 
@@ -546,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_queue)
 
     # stats, list, show, retry, cancel, check, enqueue (see docs/operations.md)
-    from sqla_pgotask._admin_cli import add_commands
+    from sqla_pgotask.cli.admin import add_commands
 
     add_commands(commands)
-    from sqla_pgotask._alembic_cli import add_command as add_alembic_command
+    from sqla_pgotask.cli.alembic_setup import add_command as add_alembic_command
 
     add_alembic_command(commands)  # alembic setup (see docs/alembic.md)
     return parser
@@ -574,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except (
         UsageError,
-        _metrics_cli.MetricsError,
+        metrics.MetricsError,
         ConfigurationError,
         ArgumentError,
         InvalidTaskError,  # a task the model refuses (pgotask enqueue)
@@ -592,7 +417,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unexpected {type(exc).__name__}: {exc} (--log-level DEBUG shows the traceback)",
         )
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,18 @@ from typing import Any, TextIO
 
 from sqlalchemy import func
 
-from sqla_pgotask._cli_arguments import (
+from sqla_pgotask._exit_codes import EXIT_ERROR, EXIT_OK, EXIT_SCHEMA, UsageError
+from sqla_pgotask.admin import (
+    LIVE_STATUSES,
+    TaskFilter,
+    cancel_tasks,
+    get_task,
+    health,
+    list_tasks,
+    queue_stats,
+    retry_tasks,
+)
+from sqla_pgotask.cli.arguments import (
     MAX_BATCH,
     batch_size_option,
     duration,
@@ -37,19 +48,8 @@ from sqla_pgotask._cli_arguments import (
     text,
     whole_number,
 )
-from sqla_pgotask._cli_database import database_options, sessions
-from sqla_pgotask._cli_output import dump_json, terminal_text
-from sqla_pgotask._exit_codes import EXIT_ERROR, EXIT_OK, EXIT_SCHEMA, UsageError
-from sqla_pgotask.admin import (
-    LIVE_STATUSES,
-    TaskFilter,
-    cancel_tasks,
-    get_task,
-    health,
-    list_tasks,
-    queue_stats,
-    retry_tasks,
-)
+from sqla_pgotask.cli.database import database_options, sessions
+from sqla_pgotask.cli.output import dump_json, terminal_text
 from sqla_pgotask.models import Task, TaskStatus
 
 # -- output helpers ----------------------------------------------------------------

@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Any
 
-from sqla_pgotask._cli_arguments import non_empty
 from sqla_pgotask._exit_codes import EXIT_ERROR, EXIT_OK
 from sqla_pgotask.alembic_helpers import ALEMBIC_CONFIG_ENV, APP_BRANCH_LABEL, AlembicSetupError
+from sqla_pgotask.cli.arguments import non_empty
 
 
 def cmd_alembic_setup(args: argparse.Namespace) -> int:

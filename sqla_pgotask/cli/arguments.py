@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from sqla_pgotask._cli_database import MAX_JSON_DEPTH, check_text
+from sqla_pgotask.cli.database import MAX_JSON_DEPTH, check_text
 from sqla_pgotask.worker.supervisor import MAX_PROCESSES
 
 # The database's integer types.

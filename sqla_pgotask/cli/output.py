@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-from sqla_pgotask._cli_database import RawJSON
+from sqla_pgotask.cli.database import RawJSON
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # C0 and C1 controls and DEL; line and paragraph separators; the bidirectional
