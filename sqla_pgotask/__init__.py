@@ -6,6 +6,11 @@ Session of the application's ``sessionmaker``, and the handler's writes commit
 together with the task's completion, or not at all.
 """
 
+from sqla_pgotask.config.handlers import Handler
+from sqla_pgotask.config.limits import QueueLimit, RateLimit
+from sqla_pgotask.config.retention import Retention
+from sqla_pgotask.config.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
+from sqla_pgotask.config.schedule import Schedule
 from sqla_pgotask.context import AttemptContext, Outcome, current_attempt
 from sqla_pgotask.enqueue import TaskFields, add_many
 from sqla_pgotask.errors import (
@@ -24,15 +29,11 @@ from sqla_pgotask.errors import (
     UnrunnableTaskError,
     WorkerStuckError,
 )
-from sqla_pgotask.handlers import Handler
-from sqla_pgotask.limits import QueueLimit, RateLimit
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
-from sqla_pgotask.periodic import Schedule
 from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
-from sqla_pgotask.retention import Retention, prune_tasks
-from sqla_pgotask.retry import ConstantBackoff, ExponentialBackoff, RetryStrategy
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker import WorkerStats
+from sqla_pgotask.worker.pruning import prune_tasks
 
 __all__ = [
     "AttemptContext",

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from sqlalchemy import Engine, ForeignKey, MetaData, String, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from sqla_pgotask.config.retry import ConstantBackoff
 from sqla_pgotask.migrate import upgrade
 from sqla_pgotask.models import Task, TaskStatus
-from sqla_pgotask.retry import ConstantBackoff
 from sqla_pgotask.scheduler import Scheduler
 
 

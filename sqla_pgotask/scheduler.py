@@ -33,30 +33,30 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from sqla_pgotask.config.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
+from sqla_pgotask.config.limits import QueueLimit, RateLimitSpec, as_rate_limit, check_max_running
+from sqla_pgotask.config.retention import Retention
+from sqla_pgotask.config.retry import RetrySpec
+from sqla_pgotask.config.schedule import (
+    HandlerDecorator,
+    MissedPolicy,
+    Schedule,
+    for_handler,
+    make_schedule,
+    runnable_schedules,
+)
 from sqla_pgotask.engine.claims import SessionConnection, claim_source
 from sqla_pgotask.engine.limit_plan import plan_limits
 from sqla_pgotask.engine.loop import TaskLoop
 from sqla_pgotask.engine.run import BatchLimits, BatchRunner
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
-from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
-from sqla_pgotask.limits import QueueLimit, RateLimitSpec, as_rate_limit, check_max_running
 from sqla_pgotask.middleware import Hooks, Middleware, OutcomeHook, check_callable
 from sqla_pgotask.models import Task, TaskStatus
-from sqla_pgotask.periodic import (
-    HandlerDecorator,
-    MissedPolicy,
-    Schedule,
-    enqueue_periodic,
-    for_handler,
-    make_schedule,
-    runnable_schedules,
-)
-from sqla_pgotask.retention import Retention
-from sqla_pgotask.retry import RetrySpec
 from sqla_pgotask.schema import check_schema
 from sqla_pgotask.worker.connection_slots import when_admitted
 from sqla_pgotask.worker.connections import require_psycopg
 from sqla_pgotask.worker.maintenance import Timing
+from sqla_pgotask.worker.periodic import enqueue_periodic
 from sqla_pgotask.worker.threaded import Worker, WorkerSettings, WorkerStats, new_worker_id
 
 #: Finished tasks kept 1 day (succeeded, cancelled) or 14 days (failed).

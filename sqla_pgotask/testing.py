@@ -37,13 +37,13 @@ from sqlalchemy import Connection, Engine, event, func, select
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from sqla_pgotask._queries import query
+from sqla_pgotask.config.handlers import Handler, HandlerFunc
 from sqla_pgotask.context import Outcome
 from sqla_pgotask.engine.claims import SessionConnection, claim_source
 from sqla_pgotask.engine.limit_plan import plan_limits
 from sqla_pgotask.engine.loop import Outcomes, TaskLoop
 from sqla_pgotask.engine.run import BatchLimits, BatchRunner
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
-from sqla_pgotask.handlers import Handler, HandlerFunc
 from sqla_pgotask.models import TASK_BIND, Task, TaskError, TaskStatus
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.schema import check_schema

@@ -14,7 +14,7 @@ from sqla_pgotask import (
     Task,
     UnknownKindError,
 )
-from sqla_pgotask.retry import CallableBackoff, as_strategy
+from sqla_pgotask.config.retry import CallableBackoff, as_strategy
 
 
 @pytest.fixture

@@ -27,10 +27,10 @@ from sqla_pgotask import (
     Task,
     TaskStatus,
 )
+from sqla_pgotask.config.limits import MAX_RATE_COUNT
 from sqla_pgotask.engine import rows as claim_module
 from sqla_pgotask.engine.claims import LimitedClaims, claim_limited
 from sqla_pgotask.engine.limit_plan import plan_limits
-from sqla_pgotask.limits import MAX_RATE_COUNT
 from sqla_pgotask.models import LimitState
 from tests.apps.limited_app import RunLog, create_run_log, make_scheduler
 from tests.helpers import claim_within_limits, wait_until

@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import ConfigurationError, Schedule, Scheduler, Task, TaskStatus
 from sqla_pgotask._queries import query
+from sqla_pgotask.config.schedule import make_schedule, runnable_schedules
 from sqla_pgotask.models import ScheduleState
-from sqla_pgotask.periodic import enqueue_due, make_schedule, runnable_schedules
+from sqla_pgotask.worker.periodic import enqueue_due
 from tests.apps import periodic_app
 from tests.apps.periodic_app import PeriodicRun, create_tables
 from tests.helpers import wait_until

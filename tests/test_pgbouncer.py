@@ -35,8 +35,8 @@ from sqla_pgotask import (
     add_many,
     current_attempt,
 )
-from sqla_pgotask.retention import RETENTION_LOCK, apply_retention
 from sqla_pgotask.worker.connections import behind_pooler, notifications_arrive
+from sqla_pgotask.worker.pruning import RETENTION_LOCK, apply_retention
 from tests.helpers import add_tasks, running, wait_until
 from tests.pgbouncer import (
     POOL_MODES,

@@ -12,8 +12,8 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import ConfigurationError, Retention, Scheduler, Task, TaskError, TaskStatus
-from sqla_pgotask.retention import RETENTION_LOCK, apply_retention
 from sqla_pgotask.worker.connections import dedicated_connection
+from sqla_pgotask.worker.pruning import RETENTION_LOCK, apply_retention
 from tests.helpers import insert_aged_tasks, running, wait_until
 
 DAY = dt.timedelta(days=1)

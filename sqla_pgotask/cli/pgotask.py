@@ -64,9 +64,9 @@ from sqla_pgotask.cli.database import (
 )
 from sqla_pgotask.cli.output import terminal_text
 from sqla_pgotask.cli.worker import cmd_worker
+from sqla_pgotask.config.retention import FINISHED_STATUSES
 from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaError
 from sqla_pgotask.models import TaskStatus
-from sqla_pgotask.retention import FINISHED_STATUSES
 from sqla_pgotask.worker.supervisor import MAX_PROCESSES, READY_FD_OPTION, SUPERVISOR_PID_OPTION
 
 __all__ = [
@@ -91,7 +91,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Delete finished tasks older than --older-than, in batches (see docs/pruning.md)."""
 
     from sqla_pgotask.cli.admin import ProgressBar
-    from sqla_pgotask.retention import prune_tasks
+    from sqla_pgotask.worker.pruning import prune_tasks
 
     statuses = tuple(dict.fromkeys(args.status)) if args.status else FINISHED_STATUSES
     older_than: dt.timedelta = args.older_than

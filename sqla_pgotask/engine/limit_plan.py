@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqla_pgotask.limits import QueueLimit, RateLimit
+from sqla_pgotask.config.limits import QueueLimit, RateLimit
 
 if TYPE_CHECKING:
-    from sqla_pgotask.handlers import Handler
+    from sqla_pgotask.config.handlers import Handler
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from sqla_pgotask.config.handlers import Handler
 from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.engine.claims import ClaimSource
 from sqla_pgotask.engine.rows import Claimed
 from sqla_pgotask.engine.run import BatchLostError, BatchRunner, Item, new_context
-from sqla_pgotask.handlers import Handler
 
 Outcomes = list[tuple[AttemptContext, Outcome]]
 

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm.base import instance_state
 
+from sqla_pgotask.config.handlers import Handler
 from sqla_pgotask.context import AttemptContext, Outcome, reset_current, set_current
 from sqla_pgotask.engine import savepoints as _savepoints
 from sqla_pgotask.engine import settle
@@ -42,7 +43,6 @@ from sqla_pgotask.errors import (
     TaskTimeoutError,
     qualified_name,
 )
-from sqla_pgotask.handlers import Handler
 from sqla_pgotask.middleware import NO_HOOKS, CallNext, Hooks, compose, log_fields, notify
 from sqla_pgotask.models import Task
 

@@ -30,10 +30,11 @@ import psycopg
 from sqlalchemy import Engine
 
 from sqla_pgotask._queries import driver_sql
+from sqla_pgotask.config.handlers import DEFAULT_MAX_ATTEMPTS
+from sqla_pgotask.config.retention import Retention
 from sqla_pgotask.context import AttemptContext
-from sqla_pgotask.handlers import DEFAULT_MAX_ATTEMPTS
-from sqla_pgotask.retention import Retention, apply_retention
 from sqla_pgotask.worker.connections import Connection, dedicated_connection
+from sqla_pgotask.worker.pruning import apply_retention
 
 logger = logging.getLogger("sqla_pgotask.worker")
 

@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Engine
 
 from sqla_pgotask._queries import driver_sql
-from sqla_pgotask.periodic import Execute, Schedule, Tick, enqueue_due
+from sqla_pgotask.config.schedule import Schedule
 from sqla_pgotask.worker.connections import Connection, dedicated_connection
+from sqla_pgotask.worker.periodic import Execute, Tick, enqueue_due
 
 logger = logging.getLogger("sqla_pgotask.periodic")
 

@@ -33,6 +33,10 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask._queries import query
+from sqla_pgotask.config.handlers import Handler
+from sqla_pgotask.config.limits import QueueLimit
+from sqla_pgotask.config.retention import Retention
+from sqla_pgotask.config.schedule import Schedule
 from sqla_pgotask.context import AttemptContext, Outcome
 from sqla_pgotask.engine import settle
 from sqla_pgotask.engine.claims import KeptConnection, LimitedClaims, claim_source
@@ -47,12 +51,8 @@ from sqla_pgotask.engine.run import (
     KindTimes,
 )
 from sqla_pgotask.errors import WorkerStuckError
-from sqla_pgotask.handlers import Handler
-from sqla_pgotask.limits import QueueLimit
 from sqla_pgotask.middleware import NO_HOOKS, Hooks
 from sqla_pgotask.models import TASK_BIND
-from sqla_pgotask.periodic import Schedule
-from sqla_pgotask.retention import Retention
 from sqla_pgotask.worker.listener import Listener
 from sqla_pgotask.worker.maintenance import Identity, Maintenance, Timing, node_id
 from sqla_pgotask.worker.periodic_thread import PeriodicThread

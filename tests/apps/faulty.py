@@ -35,7 +35,7 @@ from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_e
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqla_pgotask import Scheduler, Task
-from sqla_pgotask.retry import ExponentialBackoff
+from sqla_pgotask.config.retry import ExponentialBackoff
 
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
 SCHEDULER = "tests.apps.faulty:scheduler"
