@@ -1,5 +1,10 @@
 """The Scheduler: where handlers are registered and workers are started.
 
+It holds the registry (handlers, middleware and outcome hooks, queue limits,
+periodic schedules) and the settings; running is in :mod:`sqla_pgotask.worker`
+(:mod:`~sqla_pgotask.worker.fleet` for :meth:`Scheduler.run`,
+:mod:`~sqla_pgotask.worker.inline` for :meth:`Scheduler.run_until_idle`).
+
 ::
 
     from sqlalchemy.orm import sessionmaker
@@ -21,17 +26,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, overload
 
-from sqlalchemy import URL, Connection, Engine, create_engine, func, make_url, select
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy import URL, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from sqla_pgotask.config.handlers import DEFAULT_MAX_ATTEMPTS, Handler, HandlerFunc, make_handler
 from sqla_pgotask.config.limits import QueueLimit, RateLimitSpec, as_rate_limit, check_max_running
@@ -45,19 +47,23 @@ from sqla_pgotask.config.schedule import (
     make_schedule,
     runnable_schedules,
 )
-from sqla_pgotask.engine.claims import SessionConnection, claim_source
-from sqla_pgotask.engine.limit_plan import plan_limits
-from sqla_pgotask.engine.loop import TaskLoop
-from sqla_pgotask.engine.run import BatchLimits, BatchRunner
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.middleware import Hooks, Middleware, OutcomeHook, check_callable
 from sqla_pgotask.models import Task, TaskStatus
 from sqla_pgotask.schema import check_schema
-from sqla_pgotask.worker.connection_slots import when_admitted
-from sqla_pgotask.worker.connections import require_psycopg
-from sqla_pgotask.worker.maintenance import Timing
+from sqla_pgotask.worker import inline
+from sqla_pgotask.worker.fleet import Fleet
 from sqla_pgotask.worker.periodic import enqueue_periodic
-from sqla_pgotask.worker.threaded import Worker, WorkerSettings, WorkerStats, new_worker_id
+from sqla_pgotask.worker.settings import (
+    batch_limits,
+    check_retention,
+    lanes,
+    listen_engine,
+    queue_names,
+    timing,
+    worker_settings,
+)
+from sqla_pgotask.worker.threaded import Worker, WorkerStats
 
 #: Finished tasks kept 1 day (succeeded, cancelled) or 14 days (failed).
 DEFAULT_RETENTION = Retention()
@@ -133,25 +139,21 @@ class Scheduler:
                 f"not {type(session_factory).__name__}"
             )
         self.session_factory = session_factory
-        self._lanes = _lanes(queues)
-        self.settings = _settings(
+        self._lanes = lanes(queues)
+        self.settings = worker_settings(
             concurrency=concurrency,
-            queues=_queue_names(queues, self._lanes),
+            queues=queue_names(queues, self._lanes),
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
-            timing=_timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
-            batch=_batch_limits(batch_size, batch_window),
-            retention=_retention(retention),
+            timing=timing(lease_seconds, heartbeat_interval, maintenance_interval, dead_after),
+            batch=batch_limits(batch_size, batch_window),
+            retention=check_retention(retention),
             listen=listen is not False,
         )
-        self._listen_engine = _listen_engine(listen)
+        self._listen_engine = listen_engine(listen)
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
-        self._workers: list[Worker] = []
-        self._starting = False
-        self._stop_requested = False
-        # Set by stop() while run() still waits for a connection slot.
-        self._start_abandoned = threading.Event()
+        self._fleet = Fleet()
         self._schema_checked = False
         self._schedules: dict[str, Schedule] = {}
         self._queue_limits: dict[str, QueueLimit] = {}
@@ -461,10 +463,10 @@ class Scheduler:
         return at once, having run nothing.
         """
         current = self.settings
-        lanes = self._lanes if queues is None else _lanes(queues)
-        settings = _settings(
+        run_lanes = self._lanes if queues is None else lanes(queues)
+        settings = worker_settings(
             concurrency=current.concurrency if concurrency is None else concurrency,
-            queues=current.queues if queues is None else _queue_names(queues, lanes),
+            queues=current.queues if queues is None else queue_names(queues, run_lanes),
             poll_interval=current.poll_interval if poll_interval is None else poll_interval,
             shutdown_grace=current.shutdown_grace if shutdown_grace is None else shutdown_grace,
             timing=current.timing,
@@ -473,55 +475,17 @@ class Scheduler:
             listen=current.listen,
         )
         self._require_handlers()
-        if lanes is None:
-            plans = [settings]
-        else:
-            plans = [
-                dataclasses.replace(settings, queues=(queue,), concurrency=n)
-                for queue, n in lanes.items()
-            ]
-        schedules = [
-            runnable_schedules(list(self._schedules.values()), self._handlers, plan.queues)
-            for plan in plans
-        ]
-        with self._lock:
-            if self._starting or self._workers:
-                raise ConfigurationError("this scheduler is already running a worker")
-            self._starting = True
-            self._stop_requested = False
-            self._start_abandoned.clear()
-        try:
-            if not when_admitted(self.check_schema, self._start_abandoned, "start the worker"):
-                return WorkerStats()
-            workers = [
-                Worker(
-                    self.session_factory,
-                    self._engine(),
-                    self._handlers,
-                    plan,
-                    new_worker_id(),
-                    bind=self._bind(),
-                    schedules=plan_schedules,
-                    queue_limits=self._queue_limits,
-                    hooks=self.hooks,
-                    listen_engine=self._listen_engine,
-                )
-                for plan, plan_schedules in zip(plans, schedules, strict=True)
-            ]
-            with self._lock:
-                self._workers = workers
-                if self._stop_requested:  # stop() came while we were starting
-                    for worker in workers:
-                        worker.stop()
-        finally:
-            with self._lock:
-                self._starting = False
-        try:
-            _run_all(workers, self.stop)
-        finally:
-            with self._lock:
-                self._workers = []
-        return _total(worker.stats for worker in workers)
+        return self._fleet.run(
+            self.session_factory,
+            self._handlers,
+            settings,
+            run_lanes,
+            schedules=list(self._schedules.values()),
+            queue_limits=self._queue_limits,
+            hooks=lambda: self.hooks,
+            listen_engine=self._listen_engine,
+            check_schema=self.check_schema,
+        )
 
     def stop(self) -> None:
         """Stop the running worker: no new claims; in-flight tasks finish; ``run()`` returns.
@@ -529,13 +493,7 @@ class Scheduler:
         Called while :meth:`run` is still starting, it makes ``run()`` return as
         soon as it has started; called when nothing runs, it does nothing.
         """
-        with self._lock:
-            workers = list(self._workers)
-            if not workers and self._starting:
-                self._stop_requested = True
-                self._start_abandoned.set()
-        for worker in workers:
-            worker.stop()
+        self._fleet.stop()
 
     def cancel(self, session: Session, task_id: int) -> TaskStatus | None:
         """Cancel a task, in ``session``'s transaction (it takes effect when that commits).
@@ -555,13 +513,12 @@ class Scheduler:
     @property
     def running_worker(self) -> Worker | None:
         """The worker :meth:`run` is running (the first queue's, with per-queue concurrency)."""
-        workers = self._workers
-        return workers[0] if workers else None
+        return self._fleet.first
 
     @property
     def running_workers(self) -> list[Worker]:
         """Every worker :meth:`run` is running: one, or one per queue."""
-        return list(self._workers)
+        return self._fleet.workers
 
     def run_until_idle(
         self,
@@ -583,220 +540,20 @@ class Scheduler:
         self._require_handlers()
         if not self._schema_checked:
             self.check_schema()
-        served = self.settings.queues if queues is None else _queue_names(queues, _lanes(queues))
+        served = self.settings.queues if queues is None else queue_names(queues, lanes(queues))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be an integer >= 1, not {batch_size!r}")
-        worker_id = new_worker_id()
-        limits = BatchLimits(
-            size=batch_size,
-            window=self.settings.batch.window,
-            savepoints=self.settings.batch.savepoints,
-            slow=self.settings.batch.slow,
-        )
-        runner = BatchRunner(
-            self.session_factory, self._bind(), self._handlers, worker_id, limits, hooks=self.hooks
-        )
-        source = claim_source(
-            SessionConnection(self.session_factory),
-            worker_id=worker_id,
-            kinds={kind: h.max_attempts for kind, h in self._handlers.items()},
+        return inline.run_until_idle(
+            self.session_factory,
+            self._handlers,
+            self.settings,
             queues=served,
-            lease_seconds=self.settings.timing.lease,
-            # Limited tasks: never waited for here (the claims are not gated).
-            plan=plan_limits(self._handlers, self._queue_limits, served),
-        )
-        return TaskLoop(source, runner, self._handlers).run_until_idle(
-            batch_size=batch_size, max_tasks=max_tasks
+            queue_limits=self._queue_limits,
+            hooks=self.hooks,
+            batch_size=batch_size,
+            max_tasks=max_tasks,
         )
 
     def _require_handlers(self) -> None:
         if not self._handlers:
             raise ConfigurationError("no handlers are registered on this scheduler")
-
-    def _bind(self) -> Engine | Connection:
-        with self.session_factory() as session:
-            bind = session.get_bind(mapper=Task.__mapper__)
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        require_psycopg(engine)
-        return bind
-
-    def _engine(self) -> Engine:
-        bind = self._bind()
-        return bind.engine if isinstance(bind, Connection) else bind
-
-
-def _lanes(queues: object) -> dict[str, int] | None:
-    """``{queue: concurrency}`` if ``queues`` is such a mapping (checked), else ``None``."""
-    if not isinstance(queues, Mapping):
-        return None
-    if not queues:
-        raise ConfigurationError("queues must name at least one queue")
-    lanes: dict[str, int] = {}
-    for name, concurrency in queues.items():
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"queues must be non-empty queue names, not {name!r}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(
-                f"the concurrency of queue {name!r} must be an integer >= 1, not {concurrency!r}"
-            )
-        lanes[name] = concurrency
-    return lanes
-
-
-def _queue_names(
-    queues: Sequence[str] | Mapping[str, int] | None, lanes: dict[str, int] | None
-) -> Sequence[str] | None:
-    return queues if lanes is None else tuple(lanes)  # type: ignore[return-value]
-
-
-def _run_all(workers: list[Worker], stop_all: Callable[[], None]) -> None:
-    """Run the workers, the first in this thread; when one fails, stop them all and raise."""
-    if len(workers) == 1:
-        workers[0].run()
-        return
-    errors: list[BaseException] = []
-
-    def run(worker: Worker) -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            errors.append(exc)
-            stop_all()
-
-    threads = [
-        threading.Thread(target=run, args=(w,), name=f"pgotask-queue-{w.settings.queues}")
-        for w in workers[1:]
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        workers[0].run()
-    except BaseException:
-        stop_all()
-        raise
-    finally:
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
-
-
-def _total(stats: Iterable[WorkerStats]) -> WorkerStats:
-    total = WorkerStats()
-    for one in stats:
-        for name in (f.name for f in dataclasses.fields(WorkerStats)):
-            setattr(total, name, getattr(total, name) + getattr(one, name))
-    return total
-
-
-def _settings(
-    *,
-    concurrency: int,
-    queues: Sequence[str] | None,
-    poll_interval: float,
-    shutdown_grace: float,
-    timing: Timing,
-    batch: BatchLimits,
-    retention: Retention | None,
-    listen: bool,
-) -> WorkerSettings:
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
-    if queues is not None:
-        if isinstance(queues, str):
-            raise ConfigurationError("queues must be a list of queue names, not a string")
-        queues = tuple(queues)
-        if not queues or not all(isinstance(q, str) and q for q in queues):
-            raise ConfigurationError(f"queues must be non-empty queue names, not {queues!r}")
-    _positive("poll_interval", poll_interval)
-    if shutdown_grace < 0:
-        raise ConfigurationError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
-    return WorkerSettings(
-        concurrency=concurrency,
-        queues=queues,
-        poll_interval=float(poll_interval),
-        shutdown_grace=float(shutdown_grace),
-        timing=timing,
-        batch=batch,
-        retention=retention,
-        listen=listen,
-    )
-
-
-def _listen_engine(listen: object) -> Engine | None:
-    """The engine of the LISTEN connection that ``listen`` names; ``None``: the application's."""
-    if isinstance(listen, bool):
-        return None
-    if isinstance(listen, Engine):
-        try:
-            require_psycopg(listen)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"listen: {exc}") from None
-        return listen
-    if not isinstance(listen, str | URL):
-        raise ConfigurationError(
-            f"listen must be True, False, a database URL or an Engine, not {type(listen).__name__}"
-        )
-    try:
-        url = make_url(listen)
-        dialect = f"{url.get_backend_name()}+{url.get_driver_name()}"
-    except ArgumentError:  # not echoed: it may hold a password
-        raise ConfigurationError(
-            "listen: not a database URL (expected one like postgresql+psycopg://user@host/db)"
-        ) from None
-    if dialect != "postgresql+psycopg":
-        raise ConfigurationError(
-            "listen: sqla_pgotask needs PostgreSQL through the psycopg 3 driver (a "
-            f"'postgresql+psycopg://' URL), not {dialect}"
-        )
-    # One connection, held for the worker's life: nothing to pool.
-    return create_engine(url, poolclass=NullPool)
-
-
-def _retention(retention: object) -> Retention | None:
-    if retention is not None and not isinstance(retention, Retention):
-        raise ConfigurationError(
-            "retention must be a sqla_pgotask.Retention (or None to keep finished tasks "
-            f"forever), not {retention!r}"
-        )
-    return retention
-
-
-def _batch_limits(size: int, window: float) -> BatchLimits:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigurationError(f"batch_size must be an integer >= 1, not {size!r}")
-    _positive("batch_window", window)
-    return BatchLimits(size=size, window=float(window), slow=float(window))
-
-
-def _timing(
-    lease_seconds: float,
-    heartbeat_interval: float | None,
-    maintenance_interval: float,
-    dead_after: float | None,
-) -> Timing:
-    _positive("lease_seconds", lease_seconds)
-    heartbeat = lease_seconds / 6 if heartbeat_interval is None else heartbeat_interval
-    _positive("heartbeat_interval", heartbeat)
-    if heartbeat > lease_seconds / 2:
-        raise ConfigurationError(
-            f"heartbeat_interval ({heartbeat:g} s) must be at most half of lease_seconds "
-            f"({lease_seconds:g} s), or leases expire between heartbeats"
-        )
-    _positive("maintenance_interval", maintenance_interval)
-    dead = lease_seconds if dead_after is None else dead_after
-    if dead < 2 * heartbeat:
-        raise ConfigurationError(
-            f"dead_after ({dead:g} s) must be at least twice heartbeat_interval ({heartbeat:g} s)"
-        )
-    return Timing(
-        lease=float(lease_seconds),
-        heartbeat_interval=float(heartbeat),
-        maintenance_interval=float(maintenance_interval),
-        dead_after=float(dead),
-    )
-
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a number > 0, not {value!r}")

@@ -1,0 +1,58 @@
+"""Running due tasks in the caller's thread until none is left: ``Scheduler.run_until_idle()``.
+
+The engine's loop (:mod:`sqla_pgotask.engine.loop`) with claims through the
+application's ``sessionmaker``: no handler threads, no heartbeats, no
+``LISTEN``.  For tests, scripts and cron jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_pgotask.config.handlers import Handler
+from sqla_pgotask.config.limits import QueueLimit
+from sqla_pgotask.engine.claims import SessionConnection, claim_source
+from sqla_pgotask.engine.limit_plan import plan_limits
+from sqla_pgotask.engine.loop import TaskLoop
+from sqla_pgotask.engine.run import BatchLimits, BatchRunner
+from sqla_pgotask.middleware import Hooks
+from sqla_pgotask.worker.settings import task_bind
+from sqla_pgotask.worker.threaded import WorkerSettings, new_worker_id
+
+
+def run_until_idle(
+    session_factory: sessionmaker[Session],
+    handlers: Mapping[str, Handler],
+    settings: WorkerSettings,
+    *,
+    queues: Sequence[str] | None,
+    queue_limits: Mapping[str, QueueLimit],
+    hooks: Hooks,
+    batch_size: int,
+    max_tasks: int | None,
+) -> int:
+    """Run the due tasks of ``queues`` (``None``: all) until none is left; how many attempts ran."""
+    worker_id = new_worker_id()
+    limits = BatchLimits(
+        size=batch_size,
+        window=settings.batch.window,
+        savepoints=settings.batch.savepoints,
+        slow=settings.batch.slow,
+    )
+    runner = BatchRunner(
+        session_factory, task_bind(session_factory), handlers, worker_id, limits, hooks=hooks
+    )
+    source = claim_source(
+        SessionConnection(session_factory),
+        worker_id=worker_id,
+        kinds={kind: h.max_attempts for kind, h in handlers.items()},
+        queues=queues,
+        lease_seconds=settings.timing.lease,
+        # Limited tasks: never waited for here (the claims are not gated).
+        plan=plan_limits(handlers, queue_limits, queues),
+    )
+    return TaskLoop(source, runner, handlers).run_until_idle(
+        batch_size=batch_size, max_tasks=max_tasks
+    )
