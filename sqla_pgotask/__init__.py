@@ -6,6 +6,7 @@ Session of the application's ``sessionmaker``, and the handler's writes commit
 together with the task's completion, or not at all.
 """
 
+from sqla_pgotask.admin.queues import pause_queue, paused_queues, resume_queue
 from sqla_pgotask.config.handlers import Handler
 from sqla_pgotask.config.limits import QueueLimit, RateLimit
 from sqla_pgotask.config.retention import Retention
@@ -30,7 +31,6 @@ from sqla_pgotask.errors import (
     WorkerStuckError,
 )
 from sqla_pgotask.models import Base, RegisteredWorker, Task, TaskError, TaskStatus
-from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.worker import WorkerStats
 from sqla_pgotask.worker.pruning import prune_tasks

@@ -139,7 +139,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     """Pause, resume or list paused queues, fleet-wide (see docs/queues.md)."""
-    from sqla_pgotask.queues import pause_queue, paused_queues, resume_queue
+    from sqla_pgotask.admin.queues import pause_queue, paused_queues, resume_queue
 
     with sessions(args) as factory, factory.begin() as session:
         paused = paused_queues(session)
