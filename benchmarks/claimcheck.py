@@ -6,7 +6,7 @@ set) and ``VACUUM ANALYZE``.  Each phase:
 
 1. three rounds of: enqueue ``k`` pending tasks (``add_many``), ``VACUUM
    ANALYZE``, run the worker's claim statement (``claim`` in
-   ``sqla_pgotask/sql/queries.sql``) once under ``EXPLAIN (ANALYZE,
+   ``sqla_pgotask/sql/tasks.sql``) once under ``EXPLAIN (ANALYZE,
    BUFFERS)`` and roll it back, then time the claim statement alone,
    ``limit`` tasks per statement, each in its own committed transaction,
    until all ``k`` are claimed (median ms as seen by the client, and the
@@ -154,7 +154,7 @@ def _claim_statement(cfg: Config) -> tuple[TextClause | None, dict[str, Any], st
 
         claim = query("claim")
     except Exception as exc:  # the library's internals may change
-        return None, {}, f"no 'claim' query in sqla_pgotask/sql/queries.sql ({exc})"
+        return None, {}, f"no 'claim' query in sqla_pgotask/sql/tasks.sql ({exc})"
     known: dict[str, Any] = {
         "kinds": [KIND],
         "max_attempts": [3],

@@ -32,7 +32,7 @@ WHEEL_FILES = (
     "sqla_pgotask/migrations/env.py",
     "sqla_pgotask/migrations/script.py.mako",
     "sqla_pgotask/py.typed",
-    "sqla_pgotask/sql/queries.sql",
+    "sqla_pgotask/sql/tasks.sql",
     "sqla_pgotask/sql/schema.sql",
 )
 
