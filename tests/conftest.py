@@ -20,13 +20,15 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask.migrate import upgrade
 
 # Before any test module imports the helpers: their asserts then report like a test's.
 pytest.register_assert_rewrite("tests.helpers")
+
+from tests.helpers import AppBase, create_database, drop_database  # noqa: E402
 
 URL_ENV = "PGOTASK_TEST_DATABASE_URL"
 
@@ -44,38 +46,6 @@ def server_url() -> Iterator[str]:
 
     with EmbeddedPostgres() as server:
         yield server.url
-
-
-def url_for(server_url: str, database: str) -> str:
-    """``server_url`` pointing at another database."""
-    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
-
-
-def _admin(server_url: str) -> Engine:
-    return create_engine(server_url, isolation_level="AUTOCOMMIT", pool_size=1)
-
-
-def create_database(server_url: str, name: str, template: str | None = None) -> str:
-    """Create database ``name`` (dropping a leftover of that name) and return its URL."""
-    admin = _admin(server_url)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            suffix = f' TEMPLATE "{template}"' if template else ""
-            conn.execute(text(f'CREATE DATABASE "{name}"{suffix}'))
-    finally:
-        admin.dispose()
-    return url_for(server_url, name)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    """Drop database ``name``, disconnecting whoever is still connected."""
-    admin = _admin(server_url)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +93,6 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def app(engine: Engine, session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
     """The application's sessionmaker, with its ``app_ledger`` table created."""
-    from tests.helpers import AppBase  # here: only after the rewrite registration above
 
     AppBase.metadata.create_all(engine)
     return session_factory

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import BigInteger, Engine, MetaData, String, select, text
+from sqlalchemy import BigInteger, Engine, MetaData, String, create_engine, make_url, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqla_pgotask import Scheduler, Task, TaskError, TaskStatus, WorkerStats
@@ -201,3 +201,38 @@ def claim_within_limits(
         SessionConnection(session_factory), plan, worker_id=worker_id, lease_seconds=lease_seconds
     )
     return source.claim(limit)
+
+
+# -- databases -----------------------------------------------------------------
+
+
+def url_for(server_url: str, database: str) -> str:
+    """``server_url`` pointing at another database."""
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def _admin(server_url: str) -> Engine:
+    return create_engine(server_url, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    """Create database ``name`` (dropping a leftover of that name) and return its URL."""
+    admin = _admin(server_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            suffix = f' TEMPLATE "{template}"' if template else ""
+            conn.execute(text(f'CREATE DATABASE "{name}"{suffix}'))
+    finally:
+        admin.dispose()
+    return url_for(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name``, disconnecting whoever is still connected."""
+    admin = _admin(server_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

@@ -42,7 +42,7 @@ from sqla_pgotask.alembic_setup import setup, version_locations_problem
 from sqla_pgotask.cli import main as pgotask_main
 from sqla_pgotask.migrate import upgrade
 from sqla_pgotask.schema import check_schema
-from tests.conftest import create_database, drop_database
+from tests.helpers import create_database, drop_database
 from tests.processes import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs" / "alembic.md"

@@ -27,7 +27,7 @@ from sqla_pgotask.alembic_helpers import BRANCH_LABEL, HEAD_REVISION, REVISIONS,
 from sqla_pgotask.alembic_helpers import STANDALONE_VERSION_TABLE as VERSION_TABLE
 from sqla_pgotask.migrate import alembic_config, downgrade, upgrade
 from sqla_pgotask.schema import check_schema, schema_revision
-from tests.conftest import create_database, drop_database
+from tests.helpers import create_database, drop_database
 
 SCHEMA_SQL = files("sqla_pgotask").joinpath("sql/schema.sql").read_text(encoding="utf-8")
 
