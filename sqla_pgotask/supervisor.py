@@ -2,6 +2,9 @@
 
 from sqla_pgotask.worker.supervisor import (
     READY_FD_OPTION,
+    RESTART_DELAY_MAX,
+    RESTART_DELAY_MIN,
+    STABLE_AFTER,
     SUPERVISOR_PID_OPTION,
     ChildFailedError,
     Supervisor,
@@ -12,6 +15,9 @@ from sqla_pgotask.worker.supervisor import (
 
 __all__ = [
     "READY_FD_OPTION",
+    "RESTART_DELAY_MAX",
+    "RESTART_DELAY_MIN",
+    "STABLE_AFTER",
     "SUPERVISOR_PID_OPTION",
     "ChildFailedError",
     "Supervisor",

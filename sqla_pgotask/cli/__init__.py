@@ -23,8 +23,8 @@ from sqla_pgotask._exit_codes import (
     EXIT_USAGE,
     UsageError,
 )
-from sqla_pgotask.cli.pgotask import build_parser, main
-from sqla_pgotask.cli.worker import load_scheduler
+from sqla_pgotask.cli.pgotask import build_parser, cmd_demo, cmd_migrate, cmd_prune, cmd_queue, main
+from sqla_pgotask.cli.worker import cmd_worker, load_scheduler, split_scheduler_path
 
 __all__ = [
     "EXIT_ERROR",
@@ -34,6 +34,12 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "build_parser",
+    "cmd_demo",
+    "cmd_migrate",
+    "cmd_prune",
+    "cmd_queue",
+    "cmd_worker",
     "load_scheduler",
     "main",
+    "split_scheduler_path",
 ]

@@ -13,10 +13,22 @@
 
 from sqla_pgotask.worker.threaded import (
     STUCK_MARGIN,
+    Doorbell,
+    Throughput,
     Worker,
     WorkerSettings,
     WorkerStats,
+    brief,
     new_worker_id,
 )
 
-__all__ = ["STUCK_MARGIN", "Worker", "WorkerSettings", "WorkerStats", "new_worker_id"]
+__all__ = [
+    "STUCK_MARGIN",
+    "Doorbell",
+    "Throughput",
+    "Worker",
+    "WorkerSettings",
+    "WorkerStats",
+    "brief",
+    "new_worker_id",
+]
