@@ -304,7 +304,7 @@ def test_handler_may_not_commit(app: sessionmaker[Session], after_a_write: bool)
 def test_a_handler_that_does_not_use_its_session_begins_no_transaction(
     app: sessionmaker[Session],
 ) -> None:
-    """Its Session holds the task, yet begins nothing; the application's commit listeners still run."""
+    """Its Session holds the task yet begins nothing; the application's commit listeners run."""
     scheduler = Scheduler(app)
     seen: list[tuple[bool, bool]] = []
     handler_sessions: list[Session] = []

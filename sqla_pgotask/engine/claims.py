@@ -2,7 +2,7 @@
 
 Every runner claims through a :class:`ClaimSource`:
 
-* :class:`PlainClaims` runs the one-statement claim of ``sql/queries.sql``
+* :class:`PlainClaims` runs the one-statement claim of ``sql/tasks.sql``
   (``claim``, or ``claim_in_queues``): its own short transaction, committed at
   once, so the row locks last for that statement only;
 * :class:`LimitedClaims`, for a worker some of whose kinds or queues have a
@@ -152,7 +152,7 @@ class ClaimSource(Protocol):
 
 
 class PlainClaims:
-    """The one-statement claim (``claim`` or ``claim_in_queues`` in ``sql/queries.sql``)."""
+    """The one-statement claim (``claim`` or ``claim_in_queues`` in ``sql/tasks.sql``)."""
 
     def __init__(
         self,

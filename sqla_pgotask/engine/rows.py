@@ -34,6 +34,8 @@ logger = logging.getLogger("sqla_pgotask.worker")
 
 #: The JSON columns of a task, decoded row by row (see the module's docstring).
 _JSON_COLUMNS = frozenset({"payload", "result", "trace_context"})
+#: Where a returned column that ``Task`` does not map is loaded (and dropped).
+_UNMAPPED = "\0unmapped"
 #: The column a claim statement may add after the task's: see ``limits_claim``.
 RETRY_COLUMN = "pgotask_retry_in"
 
@@ -132,8 +134,8 @@ def _tasks(
         # attribute: all the columns are loaded, and the one relationship
         # (errors) loads lazily on first use, as after a query.
         values = task.__dict__
-        values.update(zip(keys, row))
-        values.pop(None, None)  # columns that are not the task's
+        values.update(zip(keys, row, strict=True))
+        values.pop(_UNMAPPED, None)
         for key, process in processed:
             value = values[key]
             if value is not None:
@@ -165,22 +167,22 @@ def _tasks(
 @cache
 def _loading(
     columns: tuple[tuple[str, int], ...], dialect: Dialect
-) -> tuple[list[str | None], list[tuple[str, Any]], list[str]]:
+) -> tuple[list[str], list[tuple[str, Any]], list[str]]:
     """How the returned columns load into a ``Task``'s dict.
 
-    The attribute of each column (``None`` for a column ``Task`` does not
-    map), the attributes whose values go through the column type's result
+    The attribute of each column (``_UNMAPPED`` for a column ``Task`` does
+    not map), the attributes whose values go through the column type's result
     processor, and the JSON attributes, decoded row by row.
     """
     mapper = inspect(Task)
     table = Task.__table__
-    keys: list[str | None] = []
+    keys: list[str] = []
     processed: list[tuple[str, Any]] = []
     decoded: list[str] = []
     for name, type_code in columns:
         column = table.c.get(name)
         if column is None:
-            keys.append(None)
+            keys.append(_UNMAPPED)
             continue
         key = mapper.get_property_by_column(column).key
         keys.append(key)

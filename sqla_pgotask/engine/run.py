@@ -11,7 +11,7 @@ Guarantee 2 holds per task: the first task of a transaction needs no
 savepoint (if it fails the transaction is rolled back and begun again); each
 later one runs in a savepoint of its own, which costs no round trip (sent
 with the handler's first statement, never released; see
-:mod:`sqla_pgotask._savepoints`), so a failing handler leaves none of its
+:mod:`.savepoints`), so a failing handler leaves none of its
 writes and the others keep theirs.  A transaction closes after ``size``
 tasks, ``savepoints`` savepoints that were used, or ``window`` seconds;
 tasks of handlers with a ``timeout``, or declared ``batch=False``, or whose

@@ -1,6 +1,6 @@
 """Settling attempts: the fenced statements that end or give back a claimed task.
 
-Each function runs one statement of ``sql/queries.sql`` on a SQLAlchemy
+Each function runs one statement of ``sql/tasks.sql`` on a SQLAlchemy
 ``Connection`` for many attempts at once and returns the ids whose fence
 held: the row was still ``running`` in the attempt this worker claimed.  An
 id missing means the claim was lost meanwhile (rescued, or taken over), and
