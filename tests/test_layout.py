@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,18 @@ def test_no_test_module_imports_another_or_a_conftest() -> None:
                 assert not (leaf.startswith("test_") or leaf == "conftest"), (
                     f"{path.relative_to(tests)} imports {name}"
                 )
+
+
+def test_a_worker_without_schedules_loads_no_cron_library() -> None:
+    """Memory a worker does not need: croniter (and dateutil) load with the first schedule."""
+    code = (
+        "import sys\n"
+        "from sqlalchemy.orm import sessionmaker\n"
+        "from sqla_pgotask import Scheduler\n"
+        "scheduler = Scheduler(sessionmaker())\n"
+        "scheduler.handler('k')(lambda session, task: None)\n"
+        "assert 'croniter' not in sys.modules, 'croniter loaded'\n"
+        "scheduler.periodic('0 * * * *', kind='k')\n"
+        "assert 'croniter' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

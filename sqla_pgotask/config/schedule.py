@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
-
 from sqla_pgotask.config.handlers import Handler
 from sqla_pgotask.errors import ConfigurationError
 from sqla_pgotask.models import encode_json
@@ -114,6 +112,8 @@ class _Cron:
             self.fixed_hour = not fields[2 if seconds else 1].startswith("*")
 
     def _iter(self, start: dt.datetime, *, backwards: bool) -> Iterator[dt.datetime]:
+        from croniter import croniter  # here: a worker without schedules never loads it
+
         it = croniter(
             self.expression,
             start.astimezone(self.tz),
@@ -193,6 +193,8 @@ class Schedule:
     def _latest(
         self, until: dt.datetime, after: dt.datetime | None, limit: int
     ) -> list[dt.datetime]:
+        from croniter import CroniterBadDateError
+
         found: list[dt.datetime] = []
         try:
             for slot in self._timing.backwards(until):
@@ -354,6 +356,8 @@ def _cron(
             f"{label}: bad cron expression {expression!r}: hashed (H) and random (R) "
             "values are not supported: every worker must compute the same slots"
         )
+    from croniter import CroniterBadDateError, croniter
+
     zone_name, tz = _zone(label, timezone)
     timing = _Cron(stored, tz, seconds=len(fields) == 6)
     try:
