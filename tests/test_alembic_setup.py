@@ -43,7 +43,7 @@ from sqla_pgotask.cli import main as pgotask_main
 from sqla_pgotask.migrate import upgrade
 from sqla_pgotask.schema import check_schema
 from tests.helpers import create_database, drop_database
-from tests.processes import PROJECT_ROOT
+from tests.helpers.processes import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs" / "alembic.md"
 LIBRARY_VERSIONS = PROJECT_ROOT / "sqla_pgotask" / "migrations" / "versions"

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Task, TaskStatus
 from sqla_pgotask.alembic_helpers import HEAD_REVISION
-from tests.apps.ledger import LedgerEntry, create_ledger
 from tests.helpers import wait_until
-from tests.processes import (
+from tests.helpers.apps.ledger import LedgerEntry, create_ledger
+from tests.helpers.processes import (
     PROJECT_ROOT,
     pgotask_env,
     pgotask_executable,
@@ -32,7 +32,7 @@ from tests.processes import (
     run_pgotask,
 )
 
-LEDGER = "tests.apps.ledger:scheduler"
+LEDGER = "tests.helpers.apps.ledger:scheduler"
 
 
 @pytest.fixture
@@ -58,9 +58,12 @@ def _statuses(session_factory: sessionmaker[Session]) -> dict[int, tuple[TaskSta
             "nosuchmodule:scheduler",
             "cannot import module 'nosuchmodule': no module named 'nosuchmodule'",
         ),
-        ("tests.apps.ledger:nope", "module 'tests.apps.ledger' has no attribute 'nope'"),
-        ("tests.apps.ledger:engine", "Engine, not a sqla_pgotask.Scheduler"),
-        ("tests.apps.ledger", "expected 'module:attribute'"),
+        (
+            "tests.helpers.apps.ledger:nope",
+            "module 'tests.helpers.apps.ledger' has no attribute 'nope'",
+        ),
+        ("tests.helpers.apps.ledger:engine", "Engine, not a sqla_pgotask.Scheduler"),
+        ("tests.helpers.apps.ledger", "expected 'module:attribute'"),
         (":scheduler", "expected 'module:attribute'"),
     ],
 )

@@ -31,7 +31,7 @@ from sqla_pgotask.cli.admin import ProgressBar
 from sqla_pgotask.models import RegisteredWorker
 from tests.helpers import add_tasks
 from tests.helpers import get_task as stored_task  # get_task here: the admin function
-from tests.processes import run_pgotask
+from tests.helpers.processes import run_pgotask
 
 AGO = dt.timedelta(minutes=10)
 

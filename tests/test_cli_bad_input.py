@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from sqla_pgotask import cli
-from tests.processes import LEDGER_SCHEDULER, run_pgotask
+from tests.helpers.processes import LEDGER_SCHEDULER, run_pgotask
 
 BIG = "9223372036854775808"  # one more than a bigint holds
 HUGE = "9" * 5_000  # more digits than int() converts

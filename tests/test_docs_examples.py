@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import PROJECT_ROOT, pgotask_env
+from tests.helpers.processes import PROJECT_ROOT, pgotask_env
 
 DOCS = PROJECT_ROOT / "docs"
 _BLOCK = re.compile(r"^```python\n(# example: ([\w-]+)\n.*?)^```$", re.MULTILINE | re.DOTALL)

@@ -25,7 +25,7 @@ from examples.flask_app import models as flask_models
 from examples.flask_app import tasks as flask_tasks
 from sqla_pgotask import Task, TaskStatus
 from tests.helpers import wait_until
-from tests.processes import pgotask_worker
+from tests.helpers.processes import pgotask_worker
 
 
 def all_tasks(engine: Engine) -> list[Task]:

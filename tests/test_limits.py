@@ -32,11 +32,11 @@ from sqla_pgotask.engine import rows as claim_module
 from sqla_pgotask.engine.claims import LimitedClaims, claim_limited
 from sqla_pgotask.engine.limit_plan import plan_limits
 from sqla_pgotask.models import LimitState
-from tests.apps.limited_app import RunLog, create_run_log, make_scheduler
 from tests.helpers import claim_within_limits, wait_until
-from tests.processes import PROJECT_ROOT, WorkerProcess, pgotask_env, pgotask_worker
+from tests.helpers.apps.limited_app import RunLog, create_run_log, make_scheduler
+from tests.helpers.processes import PROJECT_ROOT, WorkerProcess, pgotask_env, pgotask_worker
 
-LIMITED_APP = "tests.apps.limited_app:scheduler"
+LIMITED_APP = "tests.helpers.apps.limited_app:scheduler"
 
 
 def _noop(session: Session, task: Task) -> None:

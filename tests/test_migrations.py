@@ -1,7 +1,7 @@
 """The library's Alembic revisions, alone and inside an application's own Alembic.
 
 Every snippet of ``docs/alembic.md`` is exercised here (the consumer
-application is written by ``tests/consumer_app.py``).
+application is written by ``tests/helpers/consumer_app.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sqla_pgotask.cli import main as pgotask_main
 from sqla_pgotask.migrate import SCRIPT_LOCATION, downgrade, upgrade
 from sqla_pgotask.models import Base
 from sqla_pgotask.schema import check_schema, schema_revision
-from tests.consumer_app import (
+from tests.helpers.consumer_app import (
     APP_BRANCH,
     APP_REVISION,
     LEGACY_TABLE,

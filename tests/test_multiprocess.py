@@ -14,9 +14,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import Task, TaskError, TaskStatus
-from tests.apps.ledger import LedgerEntry, create_ledger
 from tests.helpers import wait_until
-from tests.processes import WorkerProcess, pgotask_worker
+from tests.helpers.apps.ledger import LedgerEntry, create_ledger
+from tests.helpers.processes import WorkerProcess, pgotask_worker
 
 TOTAL = 2_000
 BEFORE_START = 500

@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from sqla_pgotask.alembic_helpers import HEAD_REVISION, TABLE_NAMES
-from tests.consumer_app import APP_REVISION, build_consumer_app
 from tests.helpers import create_database, drop_database
+from tests.helpers.consumer_app import APP_REVISION, build_consumer_app
 
 pytestmark = pytest.mark.slow
 

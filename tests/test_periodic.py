@@ -20,10 +20,10 @@ from sqla_pgotask._queries import query
 from sqla_pgotask.config.schedule import make_schedule, runnable_schedules
 from sqla_pgotask.models import ScheduleState
 from sqla_pgotask.worker.periodic import enqueue_due
-from tests.apps import periodic_app
-from tests.apps.periodic_app import PeriodicRun, create_tables
 from tests.helpers import wait_until
-from tests.processes import WorkerProcess, pgotask_worker
+from tests.helpers.apps import periodic_app
+from tests.helpers.apps.periodic_app import PeriodicRun, create_tables
+from tests.helpers.processes import WorkerProcess, pgotask_worker
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)  # half a minute past a minute slot

@@ -38,7 +38,7 @@ from sqla_pgotask import (
 from sqla_pgotask.worker.connections import behind_pooler, notifications_arrive
 from sqla_pgotask.worker.pruning import RETENTION_LOCK, apply_retention
 from tests.helpers import add_tasks, running, wait_until
-from tests.pgbouncer import (
+from tests.helpers.pgbouncer import (
     POOL_MODES,
     PgBouncer,
     PoolMode,

@@ -2,7 +2,7 @@
 
 The in-process tests give every scheduler a registry of its own
 (prometheus_client's default one is process-wide); the command-line tests
-run the real ``pgotask worker tests.apps.ledger:scheduler`` and scrape it.
+run the real ``pgotask worker tests.helpers.apps.ledger:scheduler`` and scrape it.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import ConfigurationError, Scheduler, Task, TaskStatus, prometheus
 from sqla_pgotask.worker.supervisor import ChildFailedError, Supervisor
-from tests.apps.ledger import LedgerEntry, create_ledger
 from tests.helpers import add_tasks, process_gone, wait_until
-from tests.processes import (
+from tests.helpers.apps.ledger import LedgerEntry, create_ledger
+from tests.helpers.processes import (
     LEDGER_SCHEDULER,
     PROJECT_ROOT,
     WorkerProcess,

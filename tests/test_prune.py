@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_pgotask import SchemaError, Task, TaskError, TaskStatus, prune_tasks
 from tests.helpers import insert_aged_tasks
-from tests.processes import run_pgotask
+from tests.helpers.processes import run_pgotask
 
 WEEK = dt.timedelta(days=7)
 FINISHED = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)

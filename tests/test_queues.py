@@ -21,9 +21,9 @@ from sqla_pgotask import (
     paused_queues,
     resume_queue,
 )
-from tests.apps.ledger import create_ledger
 from tests.helpers import add_tasks, get_task, running, wait_until
-from tests.processes import pgotask_worker, run_pgotask
+from tests.helpers.apps.ledger import create_ledger
+from tests.helpers.processes import pgotask_worker, run_pgotask
 
 
 def _scheduler(session_factory: sessionmaker[Session], **kwargs: float) -> Scheduler:
@@ -279,7 +279,7 @@ def test_cli_worker_with_per_queue_concurrency(
     ],
 )
 def test_cli_worker_bad_queue_concurrency(value: str, message: str) -> None:
-    done = run_pgotask(["worker", "tests.apps.ledger:scheduler", f"--queue={value}"], None)
+    done = run_pgotask(["worker", "tests.helpers.apps.ledger:scheduler", f"--queue={value}"], None)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
 

@@ -1,6 +1,6 @@
 """``pgotask worker --processes N``: a supervisor and N real worker processes on a real database.
 
-The application is :mod:`tests.apps.faulty`: its short leases bring a killed
+The application is :mod:`tests.helpers.apps.faulty`: its short leases bring a killed
 worker's tasks back within seconds, and its ledger's UNIQUE ``task_id``
 makes a task that committed twice impossible.
 """
@@ -23,9 +23,9 @@ from sqla_pgotask import RegisteredWorker, Task, TaskError, TaskStatus
 from sqla_pgotask.cli import build_parser
 from sqla_pgotask.cli.worker import _worker_process_args
 from sqla_pgotask.worker.supervisor import describe_exit, restart_delay
-from tests.apps.faulty import POISON_MAX_ATTEMPTS, SCHEDULER, LedgerEntry, create_ledger
 from tests.helpers import process_gone, wait_until
-from tests.processes import WorkerProcess, pgotask_worker, run_pgotask
+from tests.helpers.apps.faulty import POISON_MAX_ATTEMPTS, SCHEDULER, LedgerEntry, create_ledger
+from tests.helpers.processes import WorkerProcess, pgotask_worker, run_pgotask
 
 _STARTED = re.compile(r"worker process \d+/\d+ started \(pid (\d+)\)")
 _RESTART = re.compile(r"worker process (\d+) \(pid \d+\) .*; restarting it in ([\d.]+)s")
@@ -59,7 +59,7 @@ def _parent(pid: int) -> int:
 def _supervisor(
     database_url: str, log_dir: Path, *args: str, processes: int = 2
 ) -> Iterator[WorkerProcess]:
-    """``pgotask worker tests.apps.faulty:scheduler --processes N *args``; on the way out,
+    """``pgotask worker tests.helpers.apps.faulty:scheduler --processes N *args``; on the way out,
     no worker process outlives the test."""
     children: list[int] = []
     try:
@@ -221,7 +221,7 @@ def test_processes_must_be_a_positive_integer(
 
 
 def test_bad_scheduler_path_fails_before_starting_processes(closed_port_url: str) -> None:
-    done = run_pgotask(["worker", "tests.apps.faulty", "--processes", "2"], closed_port_url)
+    done = run_pgotask(["worker", "tests.helpers.apps.faulty", "--processes", "2"], closed_port_url)
     assert done.returncode == 2, done.stderr
     assert "expected 'module:attribute'" in done.stderr
     assert "started (pid" not in done.stderr

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sqla_pgotask.embedded import EmbeddedPostgres
-from tests.faults.harness import (
+from tests.helpers.faults import (
     IsolatedHost,
     NamespacesNotPermitted,
     admin_execute,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, text
 
-from tests.faults.harness import (
+from tests.helpers.faults import (
     Fleet,
     Probe,
     ScenarioResult,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
+from tests.helpers.faults import (
     Fleet,
     Probe,
     ScenarioResult,

@@ -4,7 +4,7 @@ The test starts a server of its own with ``max_connections=24`` and
 ``superuser_reserved_connections=3``.  The worker connects as an ordinary
 role; the test's probe connects as the superuser, so it still gets in when
 the ordinary slots are gone.  Idle connections of the worker's role
-(:class:`~tests.faults.harness.SlotHog`, on another database of the same
+(:class:`~tests.helpers.faults.SlotHog`, on another database of the same
 server) take every slot that is free:
 
 1. **before the worker starts:** it must wait, saying why in its log, and
@@ -37,7 +37,7 @@ from sqlalchemy.orm import sessionmaker
 from sqla_pgotask import Scheduler
 from sqla_pgotask.embedded import EmbeddedPostgres
 from sqla_pgotask.worker.threaded import WorkerStats
-from tests.faults.harness import (
+from tests.helpers.faults import (
     Fleet,
     Probe,
     ScenarioResult,

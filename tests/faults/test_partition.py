@@ -1,7 +1,7 @@
 """Scenario 9: a network partition of one worker host.
 
 One worker runs in a network namespace of its own
-(:class:`~tests.faults.harness.IsolatedHost`), joined to this host by a
+(:class:`~tests.helpers.faults.IsolatedHost`), joined to this host by a
 veth pair; it reaches the server on the host's end of the link (the server
 listens there too).  Another worker runs on this host.  While both drain
 the queue, the test cuts the isolated worker's link for longer than the
@@ -34,7 +34,7 @@ import pytest
 from sqlalchemy import make_url
 
 from sqla_pgotask.embedded import EmbeddedPostgres
-from tests.faults.harness import (
+from tests.helpers.faults import (
     Fleet,
     IsolatedHost,
     Probe,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.apps.faulty import POISON_MAX_ATTEMPTS
-from tests.faults.harness import (
+from tests.helpers.apps.faulty import POISON_MAX_ATTEMPTS
+from tests.helpers.faults import (
     Fleet,
     Probe,
     ScenarioResult,

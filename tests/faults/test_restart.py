@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sqla_pgotask.embedded import EmbeddedPostgres, ShutdownMode
-from tests.faults.harness import (
+from tests.helpers.faults import (
     Fleet,
     Probe,
     ScenarioResult,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tests.helpers import wait_until
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
-LEDGER_SCHEDULER = "tests.apps.ledger:scheduler"
+LEDGER_SCHEDULER = "tests.helpers.apps.ledger:scheduler"
 
 
 def pgotask_executable() -> str:

@@ -1,6 +1,6 @@
-"""The application of the fault-injection suite: ``pgotask worker tests.apps.faulty:scheduler``.
+"""The fault-injection suite's application: ``pgotask worker tests.helpers.apps.faulty:scheduler``.
 
-Like :mod:`tests.apps.ledger`, every handler that completes writes a
+Like :mod:`tests.helpers.apps.ledger`, every handler that completes writes a
 :class:`LedgerEntry` through the handler's Session, so the row commits
 together with the task's completion, and the UNIQUE constraint on
 ``task_id`` makes a task that committed twice impossible.
@@ -38,7 +38,7 @@ from sqla_pgotask import Scheduler, Task
 from sqla_pgotask.config.retry import ExponentialBackoff
 
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
-SCHEDULER = "tests.apps.faulty:scheduler"
+SCHEDULER = "tests.helpers.apps.faulty:scheduler"
 
 #: The timing the suite runs with (the library defaults are 30 s / 5 s / 5 s / 30 s).
 LEASE_SECONDS = 2.0

@@ -1,4 +1,4 @@
-"""A small application for worker-process tests: ``pgotask worker tests.apps.ledger:scheduler``.
+"""An application for worker-process tests: ``pgotask worker tests.helpers.apps.ledger:scheduler``.
 
 Every handler writes a :class:`LedgerEntry` through the handler's Session, so
 the row commits together with the task's completion, and the UNIQUE

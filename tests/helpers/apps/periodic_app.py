@@ -1,4 +1,4 @@
-"""Periodic schedules for process tests: ``pgotask worker tests.apps.periodic_app:scheduler``.
+"""Periodic schedules: ``pgotask worker tests.helpers.apps.periodic_app:scheduler``.
 
 Every run writes a :class:`PeriodicRun` row through the handler's Session
 (so it commits with the task's completion); its UNIQUE ``task_id`` and
@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqla_pgotask import Scheduler, Task
 
 DATABASE_URL_ENV = "PGOTASK_DATABASE_URL"
-SCHEDULER = "tests.apps.periodic_app:scheduler"
+SCHEDULER = "tests.helpers.apps.periodic_app:scheduler"
 
 #: The schedules (all of kind ``tick``) and their policies.
 EVERY_SECOND = "every_second"  # every=1, backfill=10: nothing missed even if ticks stall

@@ -1,4 +1,4 @@
-"""An application with fleet-wide limits: ``pgotask worker tests.apps.limited_app:scheduler``.
+"""Fleet-wide limits: ``pgotask worker tests.helpers.apps.limited_app:scheduler``.
 
 Every handler records, through its own Session, one :class:`RunLog` row per
 task: the database's ``clock_timestamp()`` when the handler started and when

@@ -1,7 +1,7 @@
 """Helpers shared by the test modules: an application table, task rows, waiting, a worker thread.
 
 Fixtures built on them live in ``tests/conftest.py``; running the ``pgotask``
-command is ``tests/processes.py``.  The conftest registers this module for
+command is ``tests/helpers/processes.py``.  The conftest registers this module for
 pytest's assertion rewriting, so its asserts report like a test's.
 """
 

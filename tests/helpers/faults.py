@@ -1,6 +1,6 @@
 """Shared machinery of the fault-injection suite.
 
-* :class:`Fleet`: ``pgotask worker tests.apps.faulty:scheduler`` processes
+* :class:`Fleet`: ``pgotask worker tests.helpers.apps.faulty:scheduler`` processes
   that a test kills, stops and respawns;
 * :class:`Probe`: the test's own view of the database (it survives server
   restarts: ``pool_pre_ping`` and retried queries);
@@ -14,7 +14,7 @@
   pair, for a worker whose network the test cuts and heals;
 * :class:`ScenarioResult` / :func:`report`: the one-line summary of a
   scenario, also appended as JSON to the file named by
-  ``PGOTASK_FAULT_RESULTS``; ``python -m tests.faults.harness FILE`` turns
+  ``PGOTASK_FAULT_RESULTS``; ``python -m tests.helpers.faults FILE`` turns
   that file into the table of ``docs/reliability.md``.
 """
 
@@ -44,8 +44,8 @@ from sqlalchemy.exc import DBAPIError
 
 from sqla_pgotask.embedded import EmbeddedPostgres
 from sqla_pgotask.migrate import upgrade
-from tests.apps.faulty import SCHEDULER, create_ledger
-from tests.processes import (
+from tests.helpers.apps.faulty import SCHEDULER, create_ledger
+from tests.helpers.processes import (
     PROJECT_ROOT,
     WorkerProcess,
     pgotask_env,
@@ -809,9 +809,9 @@ def stopwatch() -> Iterator[Callable[[], float]]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m tests.faults.harness RESULTS.jsonl``: print the Markdown table."""
+    """``python -m tests.helpers.faults RESULTS.jsonl``: print the Markdown table."""
     if len(argv) != 1:
-        print("usage: python -m tests.faults.harness RESULTS.jsonl", file=sys.stderr)
+        print("usage: python -m tests.helpers.faults RESULTS.jsonl", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
