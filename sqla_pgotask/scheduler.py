@@ -85,8 +85,8 @@ class Scheduler:
     ``shutdown_grace``: how long :meth:`stop` lets running handlers finish.
 
     ``batch_size``: how many tasks a handler thread may run in one
-    transaction (each handler in a savepoint of its own that costs no round
-    trip, all completed by one statement and one commit); ``1`` gives every
+    transaction (each handler in a savepoint of its own, sent only if it runs
+    SQL and never released, all completed by one statement and one commit); ``1`` gives every
     task a transaction of its own.  ``batch_window``: seconds a batch's
     transaction stays open for more tasks; it also sizes the claim (what
     the worker finishes in two windows is claimed ahead).  Tasks of handlers

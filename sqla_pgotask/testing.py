@@ -39,14 +39,13 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqla_pgotask._queries import query
 from sqla_pgotask.config.handlers import Handler, HandlerFunc
 from sqla_pgotask.context import Outcome
-from sqla_pgotask.engine.claims import SessionConnection, claim_source
-from sqla_pgotask.engine.limit_plan import plan_limits
-from sqla_pgotask.engine.loop import Outcomes, TaskLoop
-from sqla_pgotask.engine.run import BatchLimits, BatchRunner
+from sqla_pgotask.engine.loop import Outcomes
+from sqla_pgotask.engine.run import BatchLimits
 from sqla_pgotask.errors import ConfigurationError, UnknownKindError
 from sqla_pgotask.models import TASK_BIND, Task, TaskError, TaskStatus
 from sqla_pgotask.scheduler import Scheduler
 from sqla_pgotask.schema import check_schema
+from sqla_pgotask.worker.inline import session_loop
 from sqla_pgotask.worker.threaded import new_worker_id
 
 __all__ = [
@@ -260,24 +259,17 @@ class _Drain:
             kind: _capturing(h, self.errors) for kind, h in handlers.items() if kind in self.kinds
         }
         self.worker_id = new_worker_id()
-        runner = BatchRunner(
+        self.loop = session_loop(
             self.factory,
             _bind_of(self.factory),
             self.handlers,
             self.worker_id,
             BatchLimits(size=1),
+            queues=self.queues,
+            queue_limits=scheduler.queue_limits,
+            lease_seconds=scheduler.settings.timing.lease,
             hooks=scheduler.hooks,
         )
-        source = claim_source(
-            SessionConnection(self.factory),
-            worker_id=self.worker_id,
-            kinds={kind: h.max_attempts for kind, h in self.handlers.items()},
-            queues=self.queues,
-            lease_seconds=scheduler.settings.timing.lease,
-            # Fleet-wide limits hold as in a worker, never waited for.
-            plan=plan_limits(self.handlers, scheduler.queue_limits, self.queues),
-        )
-        self.loop = TaskLoop(source, runner, self.handlers)
         check_schema(self.factory)
 
     def run(self, result: DrainResult, max_tasks: int) -> None:

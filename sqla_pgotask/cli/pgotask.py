@@ -31,7 +31,6 @@ from sqla_pgotask._exit_codes import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_SCHEMA,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
     UsageError,
 )
@@ -69,16 +68,7 @@ from sqla_pgotask.errors import ConfigurationError, InvalidTaskError, SchemaErro
 from sqla_pgotask.models import TaskStatus
 from sqla_pgotask.worker.supervisor import MAX_PROCESSES, READY_FD_OPTION, SUPERVISOR_PID_OPTION
 
-__all__ = [
-    "EXIT_ERROR",
-    "EXIT_OK",
-    "EXIT_SCHEMA",
-    "EXIT_UNREACHABLE",
-    "EXIT_USAGE",
-    "UsageError",
-    "build_parser",
-    "main",
-]
+__all__ = ["build_parser", "main"]
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # With several worker processes writing to one stderr, say which one speaks.

@@ -117,6 +117,7 @@ def _tasks(
     configure_mappers()  # a new process's first claim may come before any other ORM use
     keys, processed, decoded = _loading(tuple((c.name, c.type_code) for c in description), dialect)
     id_at = keys.index("id")
+    unmapped = _UNMAPPED in keys
     mapper = inspect(Task)
     new_instance = mapper.class_manager.new_instance
     identity_key = mapper.identity_key_from_primary_key
@@ -135,7 +136,8 @@ def _tasks(
         # (errors) loads lazily on first use, as after a query.
         values = task.__dict__
         values.update(zip(keys, row, strict=True))
-        values.pop(_UNMAPPED, None)
+        if unmapped:
+            del values[_UNMAPPED]
         for key, process in processed:
             value = values[key]
             if value is not None:

@@ -9,8 +9,8 @@ tasks' completions are one commit.
 
 Guarantee 2 holds per task: the first task of a transaction needs no
 savepoint (if it fails the transaction is rolled back and begun again); each
-later one runs in a savepoint of its own, which costs no round trip (sent
-with the handler's first statement, never released; see
+later one runs in a savepoint of its own (sent just before the handler's
+first statement, never released; none without SQL; see
 :mod:`.savepoints`), so a failing handler leaves none of its
 writes and the others keep theirs.  A transaction closes after ``size``
 tasks, ``savepoints`` savepoints that were used, or ``window`` seconds;

@@ -1,4 +1,4 @@
-"""Per-task savepoints that cost no round trip of their own, and nothing without SQL.
+"""Per-task savepoints that cost one round trip, never a release, and nothing without SQL.
 
 A batch runs several tasks in one transaction; each task after the first gets
 a Session joined to the batch's connection with
